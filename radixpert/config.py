@@ -1,0 +1,236 @@
+"""The one configuration shared by training, export and runtime.
+
+A plain dataclass with JSON save/load and named presets. It imports no torch, so the
+runtime can read the copy recorded in a bundle manifest.
+
+Symbols follow the paper (Section IV): N_p = grid_size**2 visual tokens of width D_v
+(``vision_dim``), K anatomy masks (``num_masks``) projected to D_emb (``mask_embed_dim``),
+and an MLP projector to the LLM width D_llm (``llm_dim``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from radixpert.errors import UsageError
+
+MASK_NAMES: tuple[str, ...] = ("right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle")
+
+ENCODERS = ("tiny_cnn", "biovil")
+SEGMENTERS = ("unet",)
+LLM_SOURCES = ("tiny_random", "gemma3_270m_package", "hf_dir")
+IMAGE_ATTENTION = ("causal",)
+
+
+@dataclass
+class RadixpertConfig:
+    """Every dimension of the model, plus where the frozen parts come from."""
+
+    name: str = "tiny"
+    seed: int = 0
+
+    # Input image and patch grid: N_p = grid_size ** 2.
+    image_size: int = 224
+    grid_size: int = 14
+
+    # f_vis: the frozen vision encoder, stride image_size / grid_size.
+    encoder: str = "tiny_cnn"
+    encoder_path: str | None = None
+    encoder_width: int = 16
+    vision_dim: int = 64  # D_v
+
+    # g_seg: the frozen U-Net anatomy head, K sigmoid maps at image_size.
+    segmenter: str = "unet"
+    segmenter_path: str | None = None
+    segmenter_width: int = 8
+    segmenter_depth: int = 3
+    num_masks: int = 5  # K
+    mask_names: tuple[str, ...] = MASK_NAMES
+
+    # Trainable fusion: Conv1x1 (K -> D_emb), concat, MLP projector (D_v + D_emb -> D_llm).
+    mask_embed_dim: int = 32  # D_emb
+    projector_depth: int = 2  # number of Linear layers
+    projector_hidden: int = 128
+
+    # The LLM (Gemma 3 text). For "tiny_random" the shape fields below build it;
+    # for the other sources they must agree with the loaded model (checked at load).
+    llm: str = "tiny_random"
+    llm_path: str | None = None
+    llm_dim: int = 64  # D_llm
+    llm_layers: int = 2
+    llm_heads: int = 2
+    llm_kv_heads: int = 1
+    llm_head_dim: int = 32
+    llm_ffn: int = 128
+    llm_sliding_window: int = 64
+    llm_vocab_size: int = 0  # 0: taken from the tokenizer
+
+    # LoRA on the attention projections.
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    # Attention over the visual tokens. Causal matches both HF Gemma3ForCausalLM with
+    # inputs_embeds and llama.cpp's default, so train and runtime agree without special cases.
+    image_attention: str = "causal"
+
+    max_new_tokens: int = 128
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_patches(self) -> int:
+        """N_p, the number of visual tokens."""
+        return self.grid_size**2
+
+    @property
+    def encoder_stride(self) -> int:
+        return self.image_size // self.grid_size
+
+    def validate(self) -> "RadixpertConfig":
+        """Raise UsageError (one line) if the fields are inconsistent."""
+        checks = [
+            (self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}"),
+            (self.segmenter in SEGMENTERS, f"segmenter must be one of {SEGMENTERS}, got {self.segmenter!r}"),
+            (self.llm in LLM_SOURCES, f"llm must be one of {LLM_SOURCES}, got {self.llm!r}"),
+            (self.image_attention in IMAGE_ATTENTION, f"image_attention must be one of {IMAGE_ATTENTION}"),
+            (self.image_size % self.grid_size == 0, "image_size must be a multiple of grid_size"),
+            (len(self.mask_names) == self.num_masks, "mask_names must list num_masks names"),
+            (self.projector_depth >= 1, "projector_depth must be >= 1"),
+            (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank and lora_alpha must be positive"),
+            (
+                self.image_size % (2**self.segmenter_depth) == 0,
+                "image_size must be divisible by 2**segmenter_depth",
+            ),
+            (
+                self.llm == "tiny_random" or self.llm_path is not None or self.llm == "gemma3_270m_package",
+                f"preset {self.name!r} needs llm_path (a local Hugging Face folder)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(f"invalid config: {message}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RadixpertConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise UsageError(f"unknown config field(s): {', '.join(unknown)}; check the spelling or the version")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RadixpertConfig":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read config {path}: {exc.__class__.__name__}; pass a JSON file") from None
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> "RadixpertConfig":
+        """A copy with typed overrides (values given as strings are converted to the field type)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        converted: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise UsageError(f"unknown config field {key!r}; see RadixpertConfig for the list")
+            current = getattr(self, key)
+            converted[key] = _coerce(key, value, current)
+        return dataclasses.replace(self, **converted)
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    if not isinstance(value, str) or isinstance(current, str) or current is None:
+        return value
+    try:
+        if isinstance(current, bool):
+            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"config field {key!r} expects {type(current).__name__}, got {value!r}") from None
+    return value
+
+
+def _tiny() -> RadixpertConfig:
+    return RadixpertConfig()
+
+
+def _demo() -> RadixpertConfig:
+    """Real Gemma 3 270M (from the PyPI package) with a small phantom-trained frontend."""
+    return RadixpertConfig(
+        name="demo",
+        encoder_width=32,
+        vision_dim=256,
+        segmenter_width=16,
+        segmenter_depth=4,
+        mask_embed_dim=64,
+        projector_hidden=640,
+        llm="gemma3_270m_package",
+        llm_dim=640,
+        llm_layers=18,
+        llm_heads=4,
+        llm_kv_heads=1,
+        llm_head_dim=256,
+        llm_ffn=2048,
+        llm_sliding_window=512,
+        llm_vocab_size=262144,
+        lora_rank=16,
+        lora_alpha=32,
+    )
+
+
+def _medgemma_4b() -> RadixpertConfig:
+    """The paper's model: BioViL ResNet-50 (dilated, 14x14x2048), U-Net K=5, MedGemma-4b-it text."""
+    return RadixpertConfig(
+        name="medgemma-4b",
+        encoder="biovil",
+        vision_dim=2048,
+        segmenter_width=32,
+        segmenter_depth=4,
+        mask_embed_dim=256,
+        projector_hidden=2560,
+        llm="hf_dir",
+        llm_dim=2560,
+        llm_layers=34,
+        llm_heads=8,
+        llm_kv_heads=4,
+        llm_head_dim=256,
+        llm_ffn=10240,
+        llm_sliding_window=1024,
+        llm_vocab_size=262208,
+        lora_rank=16,
+        lora_alpha=32,
+        max_new_tokens=256,
+    )
+
+
+PRESETS = {"tiny": _tiny, "demo": _demo, "medgemma-4b": _medgemma_4b}
+
+
+def get_config(name: str, **overrides: Any) -> RadixpertConfig:
+    """A preset by name, with optional typed overrides."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    config = PRESETS[name]()
+    return config.replace(**overrides) if overrides else config

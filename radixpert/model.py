@@ -1,0 +1,334 @@
+"""The reference model (PyTorch), exactly the paper's Section IV.
+
+    H_v      = f_vis(I)                    (B, N_p, D_v)      frozen encoder
+    M_raw    = sigmoid(g_seg(I))           (B, K, H, W)       frozen U-Net
+    M_down   = pool(M_raw)                 (B, K, G, G)       exact area pooling, G = sqrt(N_p)
+    H_seg    = Conv1x1(M_down)             (B, D_emb, G, G)   trainable
+    H_fused  = concat(H_v, flatten(H_seg)) (B, N_p, D_v + D_emb)
+    X_prompt = MLP(H_fused)                (B, N_p, D_llm)    trainable
+    report   = LLM + LoRA(X_prompt)                           LoRA trainable
+
+Every later stage (ONNX, GGUF, runtime) is tested against this module.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radixpert.config import RadixpertConfig
+from radixpert.errors import ModelError
+from radixpert.prompt import DEFAULT_TEMPLATE, PromptTemplate
+
+IGNORE_INDEX = -100
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class TinyCNNEncoder(nn.Module):
+    """A small CNN with the encoder's stride: (B, 3, S, S) -> (B, D_v, G, G)."""
+
+    def __init__(self, config: RadixpertConfig):
+        super().__init__()
+        stages = int(math.log2(config.encoder_stride))
+        if 2**stages != config.encoder_stride:
+            raise ModelError(f"tiny_cnn needs a power-of-two stride, got {config.encoder_stride}")
+        widths = [config.encoder_width * 2**i for i in range(stages)]
+        layers, cin = [], 3
+        for width in widths:
+            layers += [_conv_bn_relu(cin, width, stride=2), _conv_bn_relu(width, width)]
+            cin = width
+        layers.append(nn.Conv2d(cin, config.vision_dim, 1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body(image)
+
+
+class BioViLEncoder(nn.Module):
+    """BioViL's ResNet-50 trunk with a dilated last stage: 224² -> (B, 2048, 14, 14)."""
+
+    def __init__(self, config: RadixpertConfig):
+        super().__init__()
+        try:
+            from torchvision.models import resnet50
+        except ImportError:
+            raise ModelError("the biovil encoder needs torchvision; install radixpert-edge[train]") from None
+        net = resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
+        self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        self._names = {f"{i}.": n for i, n in enumerate(["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"])}
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.trunk(image)
+
+    def load_resnet_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load torchvision-named ResNet-50 weights found under any prefix (BioViL nests them)."""
+        anchor = next((k[: -len("conv1.weight")] for k in state if k.endswith("conv1.weight") and "layer" not in k), None)
+        if anchor is None:
+            raise ModelError("encoder checkpoint holds no ResNet-50 (no conv1.weight); pass a BioViL image checkpoint")
+        by_name = {k[len(anchor) :]: v for k, v in state.items() if k.startswith(anchor)}
+        mine = {}
+        for key in self.trunk.state_dict():
+            index, rest = key.split(".", 1)
+            source = f"{self._names[index + '.']}.{rest}"
+            if source not in by_name:
+                raise ModelError(f"encoder checkpoint lacks {source}; is it a ResNet-50?")
+            mine[key] = by_name[source]
+        self.trunk.load_state_dict(mine)
+
+
+class UNet(nn.Module):
+    """A plain U-Net: (B, 3, S, S) -> (B, K, S, S) logits. Transposed convs, no resize ops."""
+
+    def __init__(self, config: RadixpertConfig):
+        super().__init__()
+        widths = [config.segmenter_width * 2**i for i in range(config.segmenter_depth + 1)]
+        self.down = nn.ModuleList()
+        cin = 3
+        for width in widths:
+            self.down.append(nn.Sequential(_conv_bn_relu(cin, width), _conv_bn_relu(width, width)))
+            cin = width
+        self.up = nn.ModuleList()
+        self.merge = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.up.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
+            self.merge.append(nn.Sequential(_conv_bn_relu(width * 2, width), _conv_bn_relu(width, width)))
+        self.head = nn.Conv2d(widths[0], config.num_masks, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        skips, x = [], image
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+def area_pooling_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """(out, in) weights that average each output cell's input span, like adaptive_avg_pool.
+
+    Cell i covers [floor(i*in/out), ceil((i+1)*in/out)), the same spans as
+    ``F.adaptive_avg_pool2d``, so the result is identical for any sizes, divisible or not,
+    and exports to ONNX as two matmuls.
+    """
+    weights = torch.zeros(out_size, in_size)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+class AnatomyFusion(nn.Module):
+    """The trainable part of the frontend: pool, Conv1x1, concat and MLP projector."""
+
+    def __init__(self, config: RadixpertConfig):
+        super().__init__()
+        pool = area_pooling_matrix(config.image_size, config.grid_size)
+        # Derived from the config, so not saved with the weights.
+        self.register_buffer("pool_rows", pool, persistent=False)
+        self.register_buffer("pool_cols_t", pool.t().contiguous(), persistent=False)
+        self.mask_proj = nn.Conv2d(config.num_masks, config.mask_embed_dim, kernel_size=1)
+        dims = [config.vision_dim + config.mask_embed_dim]
+        dims += [config.projector_hidden] * (config.projector_depth - 1) + [config.llm_dim]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(cin, cout))
+        self.projector = nn.Sequential(*layers)
+
+    def pool_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) -> (B, K, G, G): the fraction of each patch covered by each structure."""
+        return self.pool_rows @ masks @ self.pool_cols_t
+
+    def forward(self, patch_features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        mask_embed = self.mask_proj(self.pool_masks(masks))  # (B, D_emb, G, G)
+        fused = torch.cat([patch_features, mask_embed.flatten(2).transpose(1, 2)], dim=-1)
+        return self.projector(fused)
+
+
+class Frontend(nn.Module):
+    """Image -> (visual tokens (B, N_p, D_llm), anatomy maps (B, K, S, S))."""
+
+    def __init__(self, config: RadixpertConfig):
+        super().__init__()
+        self.encoder = TinyCNNEncoder(config) if config.encoder == "tiny_cnn" else BioViLEncoder(config)
+        self.segmenter = UNet(config)
+        self.fusion = AnatomyFusion(config)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patch_features = self.encoder(image).flatten(2).transpose(1, 2)  # row-major patches
+        masks = torch.sigmoid(self.segmenter(image))
+        return self.fusion(patch_features, masks), masks
+
+
+def load_safetensors_into(module: nn.Module, path: str | Path, what: str) -> None:
+    """Load weights from safetensors (or a tensors-only .pt via weights_only=True)."""
+    file = Path(path)
+    if not file.exists():
+        raise ModelError(f"{what} checkpoint {file} not found; pass the local path of its weights")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle errors come in many types
+            raise ModelError(f"{what} checkpoint {file} is not a plain tensor file ({exc.__class__.__name__}); convert it to safetensors") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if isinstance(module, BioViLEncoder):
+        module.load_resnet_state(state)
+        return
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(f"{what} checkpoint {file} does not fit the config: {first}") from None
+
+
+def apply_lora(llm: nn.Module, config: RadixpertConfig):
+    """Wrap the LLM with peft LoRA on the configured attention projections."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        bias="none",
+    )
+    return get_peft_model(llm, lora)
+
+
+class RadixpertModel(nn.Module):
+    """Frozen encoder and segmenter, trainable fusion, LLM with LoRA; the parity reference."""
+
+    def __init__(self, config: RadixpertConfig, llm: nn.Module, tokenizer, template: PromptTemplate = DEFAULT_TEMPLATE):
+        super().__init__()
+        self.config = config
+        self.template = template
+        self.tokenizer = tokenizer
+        self.frontend = Frontend(config)
+        self.llm = llm
+        self.prefix_ids = self._ids(template.prefix)
+        self.suffix_ids = self._ids(template.suffix)
+        self.stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in template.stop_strings}
+        self.freeze_experts()
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def frozen_experts(self) -> tuple[nn.Module, nn.Module]:
+        return self.frontend.encoder, self.frontend.segmenter
+
+    def freeze_experts(self) -> None:
+        for expert in self.frozen_experts:
+            expert.requires_grad_(False)
+            expert.eval()
+
+    def train(self, mode: bool = True) -> "RadixpertModel":
+        super().train(mode)
+        # Frozen experts keep eval-mode batch norm statistics even while the rest trains.
+        for expert in self.frozen_experts:
+            expert.eval()
+        return self
+
+    def embed_text(self, ids: list[int]) -> torch.Tensor:
+        """(L, D_llm) embeddings of text ids, with the LLM's own sqrt(D_llm) scaling."""
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
+
+    def build_inputs(
+        self, visual_tokens: torch.Tensor, targets: list[list[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt embeddings (B, L, D), attention mask (B, L) and labels (B, L), right-padded.
+
+        Labels are IGNORE_INDEX everywhere except the report tokens.
+        """
+        prefix, suffix = self.embed_text(self.prefix_ids), self.embed_text(self.suffix_ids)
+        rows, labels = [], []
+        for b in range(visual_tokens.shape[0]):
+            target = targets[b] if targets is not None else []
+            parts = [prefix, visual_tokens[b].to(prefix.dtype), suffix]
+            if target:
+                parts.append(self.embed_text(target))
+            rows.append(torch.cat(parts, dim=0))
+            context = len(self.prefix_ids) + visual_tokens.shape[1] + len(self.suffix_ids)
+            labels.append([IGNORE_INDEX] * context + list(target))
+        length = max(r.shape[0] for r in rows)
+        embeds = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.long, device=embeds.device)
+        label_tensor = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
+        for b, (row, label) in enumerate(zip(rows, labels)):
+            embeds[b, : row.shape[0]] = row
+            mask[b, : row.shape[0]] = 1
+            label_tensor[b, : len(label)] = torch.tensor(label, dtype=torch.long)
+        return embeds, mask, label_tensor
+
+    def encode_reports(self, reports: list[str]) -> list[list[int]]:
+        return [self._ids(self.template.target(r)) for r in reports]
+
+    def forward(self, image: torch.Tensor, reports: list[str]) -> torch.Tensor:
+        """Mean cross-entropy over the report tokens only."""
+        visual_tokens, _ = self.frontend(image)
+        embeds, mask, labels = self.build_inputs(visual_tokens, self.encode_reports(reports))
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    @torch.no_grad()
+    def generate(self, image: torch.Tensor, max_new_tokens: int | None = None) -> list[list[int]]:
+        """Greedy decoding, one image at a time: the reference every parity test compares to."""
+        limit = max_new_tokens if max_new_tokens is not None else self.config.max_new_tokens
+        visual_tokens, _ = self.frontend(image)
+        outputs = []
+        for b in range(visual_tokens.shape[0]):
+            embeds, _, _ = self.build_inputs(visual_tokens[b : b + 1])
+            result = self.llm(inputs_embeds=embeds, use_cache=True)
+            tokens: list[int] = []
+            while len(tokens) < limit:
+                next_id = int(result.logits[0, -1].argmax())
+                if next_id in self.stop_ids:
+                    break
+                tokens.append(next_id)
+                step = torch.tensor([[next_id]], device=embeds.device)
+                result = self.llm(input_ids=step, cache=result.cache, use_cache=True)
+            outputs.append(tokens)
+        return outputs
+
+    def generate_text(self, image: torch.Tensor, max_new_tokens: int | None = None) -> list[str]:
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in self.generate(image, max_new_tokens)]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def build_model(config: RadixpertConfig, template: PromptTemplate = DEFAULT_TEMPLATE) -> RadixpertModel:
+    """The full model for a config: experts loaded from their paths if given, LLM with LoRA."""
+    from radixpert.llm import check_llm_shape, load_llm
+
+    config.validate()
+    torch.manual_seed(config.seed)
+    llm, tokenizer = load_llm(config)
+    check_llm_shape(llm, config)
+    model = RadixpertModel(config, apply_lora(llm, config), tokenizer, template)
+    if config.encoder_path:
+        load_safetensors_into(model.frontend.encoder, config.encoder_path, "encoder")
+    if config.segmenter_path:
+        load_safetensors_into(model.frontend.segmenter, config.segmenter_path, "segmenter")
+    model.freeze_experts()
+    return model

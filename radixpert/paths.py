@@ -1,0 +1,16 @@
+"""Where Radixpert keeps caches (torch-free)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "RADIXPERT_CACHE"
+
+
+def cache_dir() -> Path:
+    """``$RADIXPERT_CACHE``, else ``$XDG_CACHE_HOME/radixpert``, else ``~/.cache/radixpert``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "radixpert"

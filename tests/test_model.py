@@ -1,0 +1,120 @@
+"""The reference model: frozen experts, trainable fusion + LoRA, exact pooling, greedy reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixpert.model import IGNORE_INDEX, area_pooling_matrix, build_model, count_parameters
+
+REPORTS = ["Derrame pleural derecho.", "Sin hallazgos patológicos significativos. Índice cardiotorácico normal."]
+
+
+def _images(n: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("size", "grid"), [(224, 14), (100, 14), (37, 5), (448, 14)])
+def test_area_pooling_equals_adaptive_avg_pool(size, grid):
+    masks = torch.rand(2, 5, size, size, generator=torch.Generator().manual_seed(size))
+    pool = area_pooling_matrix(size, grid)
+    torch.testing.assert_close(pool @ masks @ pool.t(), F.adaptive_avg_pool2d(masks, grid), rtol=1e-5, atol=1e-6)
+
+
+def test_frontend_shapes_follow_the_paper(tiny_model, tiny_config):
+    tokens, maps = tiny_model.frontend(_images())
+    assert tokens.shape == (2, tiny_config.num_patches, tiny_config.llm_dim)
+    assert maps.shape == (2, tiny_config.num_masks, tiny_config.image_size, tiny_config.image_size)
+    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+
+
+def _lora_count(config, llm_config) -> int:
+    q_out = config.llm_heads * config.llm_head_dim
+    kv_out = config.llm_kv_heads * config.llm_head_dim
+    shapes = {"q_proj": (config.llm_dim, q_out), "k_proj": (config.llm_dim, kv_out),
+              "v_proj": (config.llm_dim, kv_out), "o_proj": (q_out, config.llm_dim)}
+    per_layer = sum(config.lora_rank * (shapes[t][0] + shapes[t][1]) for t in config.lora_targets)
+    return per_layer * llm_config.num_hidden_layers
+
+
+def test_trainable_count_equals_the_formula(tiny_model, tiny_config):
+    c = tiny_config
+    conv = c.num_masks * c.mask_embed_dim + c.mask_embed_dim
+    dims = [c.vision_dim + c.mask_embed_dim] + [c.projector_hidden] * (c.projector_depth - 1) + [c.llm_dim]
+    mlp = sum(i * o + o for i, o in zip(dims[:-1], dims[1:]))
+    trainable, total = count_parameters(tiny_model)
+    assert trainable == conv + mlp + _lora_count(c, tiny_model.llm.config)
+    assert total > trainable
+
+
+def test_frozen_experts_stay_in_eval_mode(tiny_model):
+    tiny_model.train()
+    assert not tiny_model.frontend.encoder.training and not tiny_model.frontend.segmenter.training
+    assert tiny_model.frontend.fusion.training
+    assert not any(p.requires_grad for p in tiny_model.frontend.encoder.parameters())
+
+
+def test_optimizer_step_changes_only_conv_mlp_and_lora(tiny_model):
+    before = {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+    tiny_model.train()
+    optimizer = torch.optim.AdamW([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-2)
+    loss = tiny_model(_images(), REPORTS)
+    loss.backward()
+    optimizer.step()
+    after = tiny_model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    for key in changed:
+        assert "fusion.mask_proj" in key or "fusion.projector" in key or "lora_" in key, key
+    for key in before:  # the experts, BN buffers included, are bit-identical
+        if key.startswith(("frontend.encoder.", "frontend.segmenter.")):
+            assert torch.equal(before[key], after[key]), key
+    assert any("fusion.mask_proj" in k for k in changed) and any("fusion.projector" in k for k in changed)
+    assert any("lora_B" in k for k in changed)
+
+
+def test_loss_covers_report_tokens_only(tiny_model):
+    visual, _ = tiny_model.frontend(_images())
+    targets = tiny_model.encode_reports(REPORTS)
+    embeds, mask, labels = tiny_model.build_inputs(visual, targets)
+    context = len(tiny_model.prefix_ids) + visual.shape[1] + len(tiny_model.suffix_ids)
+    for b, target in enumerate(targets):
+        supervised = labels[b][labels[b] != IGNORE_INDEX].tolist()
+        assert supervised == target
+        assert (labels[b, :context] == IGNORE_INDEX).all()
+        assert int(mask[b].sum()) == context + len(target)
+    # The model's loss is the mean token cross-entropy over exactly those positions.
+    logits = tiny_model.llm(inputs_embeds=embeds, attention_mask=mask).logits
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(tiny_model(_images(), REPORTS), manual, rtol=1e-5, atol=1e-5)
+
+
+def test_visual_tokens_enter_unscaled_and_text_scaled(tiny_model):
+    visual = torch.randn(1, 196, tiny_model.config.llm_dim)
+    embeds, _, _ = tiny_model.build_inputs(visual)
+    start = len(tiny_model.prefix_ids)
+    torch.testing.assert_close(embeds[0, start : start + 196], visual[0])
+    table = tiny_model.llm.get_input_embeddings().weight
+    scale = tiny_model.config.llm_dim**0.5
+    torch.testing.assert_close(embeds[0, 0], table[tiny_model.prefix_ids[0]] * scale, rtol=1e-3, atol=1e-4)
+
+
+def test_greedy_generate_is_consistent_with_a_full_forward_pass(tiny_model):
+    image = _images(1, seed=3)
+    tokens = tiny_model.generate(image, max_new_tokens=12)[0]
+    assert tokens and len(tokens) <= 12
+    visual, _ = tiny_model.frontend(image)
+    embeds, _, _ = tiny_model.build_inputs(visual, [tokens])
+    with torch.no_grad():
+        logits = tiny_model.llm(inputs_embeds=embeds).logits[0]
+    start = embeds.shape[1] - len(tokens) - 1
+    assert logits[start : start + len(tokens)].argmax(-1).tolist() == tokens
+    assert tiny_model.generate(image, max_new_tokens=12)[0] == tokens  # deterministic
+    assert isinstance(tiny_model.generate_text(image, max_new_tokens=4)[0], str)
+
+
+def test_different_images_give_different_visual_tokens(tiny_model):
+    a, _ = tiny_model.frontend(_images(1, seed=1))
+    b, _ = tiny_model.frontend(_images(1, seed=2))
+    assert not torch.allclose(a, b)

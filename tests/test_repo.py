@@ -1,0 +1,29 @@
+"""Project promises that are cheap to check: CI runs the README's commands, safe formats only."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_block(title: str) -> list[str]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"## {title}", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, f"no bash block under '{title}'"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_ci_runs_exactly_the_readme_test_commands():
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    marked = ci.split("(keep identical) ---\n", 1)[1].split("# --- end ---", 1)[0]
+    assert [line for line in marked.splitlines() if line.strip()] == _readme_block("Install for development and run the tests")
+
+
+def test_no_pickle_files_are_tracked():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"))]
+
