@@ -1,0 +1,200 @@
+"""``radixpert-train``: split the data, pretrain the stand-in experts, train the report model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from radixpert.config import PRESETS, RadixpertConfig, get_config
+from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError
+
+DATA_HELP = "PadChest-format CSV (ImageID, ImageDir, PatientID, Projection, Labels, report column)."
+
+
+def data_options(func):
+    """Options shared by every subcommand that reads a table."""
+    options = [
+        click.option("--data", "csv_path", required=True, type=click.Path(dir_okay=False), help=DATA_HELP),
+        click.option("--images", type=click.Path(file_okay=False), default=None,
+                      help="Root of the numbered ImageDir folders of PNGs [default: the CSV's folder, or its images/]."),
+        click.option("--dicom-dir", type=click.Path(file_okay=False), default=None,
+                      help="Read <DIR>/<ImageID stem>.dcm instead of PNGs (a CSV plus a folder of DICOMs)."),
+        click.option("--report-column", default="Report", show_default=True,
+                     help="Column with the report text. PadChest's own 'Report' is lowercased, accent-stripped and "
+                          "stemmed, so a model trained on it writes stemmed Spanish; prefer a natural-text column when you have one."),
+        click.option("--projections", default="PA,AP,AP_horizontal", show_default=True,
+                     help="Comma-separated Projection values to keep ('' keeps all)."),
+        click.option("--subset", type=int, default=None,
+                     help="Draw a stratified subset of N studies, with minimum quotas for rare labels."),
+        click.option("--min-per-label", type=int, default=20, show_default=True, help="Quota per rare label in --subset."),
+        click.option("--split", "split_path", type=click.Path(dir_okay=False), default=None,
+                     help="Reuse this split file [default: <OUT>/split.json, created if missing]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for subset, split, order and init."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func):
+    options = [
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+                     help="Model preset: tiny (tests), demo (Gemma 3 270M), medgemma-4b (local weights)."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                     help="A config JSON (overrides --preset)."),
+        click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+                     help="Override a config field, e.g. --set llm_path=/models/medgemma-4b-it (repeatable)."),
+        click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def resolve_config(preset: str, config_path: str | None, overrides: tuple[str, ...]) -> RadixpertConfig:
+    config = RadixpertConfig.load(config_path) if config_path else get_config(preset)
+    pairs = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set expects FIELD=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = value
+    return config.replace(**pairs).validate()
+
+
+def load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed, out_dir):
+    """(studies per split, split file path), creating and saving the split when needed."""
+    from radixpert.train.data import label_proportions, patient_split, read_table, save_split, select, stratified_subset
+    from radixpert.train.data import load_split
+
+    keep = tuple(p.strip() for p in projections.split(",") if p.strip()) or None
+    studies = read_table(csv_path, images=images, report_column=report_column, projections=keep, dicom_dir=dicom_dir)
+    if subset:
+        studies = stratified_subset(studies, subset, seed, min_per_label)
+    path = Path(split_path) if split_path else Path(out_dir) / "split.json"
+    if path.exists():
+        split = load_split(path)
+    else:
+        split = patient_split(studies, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_split(path, split, seed, csv_path)
+        click.echo(f"split written to {path}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()), err=True)
+    parts = {name: select(studies, ids) if ids else [] for name, ids in split.items()}
+    return parts, path, {name: label_proportions(studies, ids) for name, ids in split.items()}
+
+
+class DefaultGroup(click.Group):
+    """A group whose subcommand defaults to ``report``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["report", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Train Radixpert: the encoder and segmenter stay frozen; the Conv1x1, MLP projector and
+    LoRA train on the report tokens. Without a subcommand, `report` runs.
+
+    \b
+    Typical phantom run:
+      radixpert-phantom --n 64 --seed 0 --out data
+      radixpert-train segmenter --data data/phantoms.csv --out runs/seg
+      radixpert-train encoder   --data data/phantoms.csv --out runs/enc
+      radixpert-train report    --data data/phantoms.csv --out runs/tiny \\
+          --set segmenter_path=runs/seg/segmenter.safetensors --set encoder_path=runs/enc/encoder.safetensors
+
+    Several GPUs (or CPU processes): torchrun --nproc_per_node N -m radixpert.train.cli report ...
+    """
+
+
+@cli.command()
+@data_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for split.json.")
+def split(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed, out_dir):
+    """Write the patient-grouped 80/10/10 split and print the label proportions per split."""
+    parts, path, proportions = load_splits(csv_path, images, dicom_dir, report_column, projections, subset,
+                                           min_per_label, split_path, seed, out_dir)
+    labels = sorted(next(iter(proportions.values())))
+    click.echo(f"{'label':<22}" + "".join(f"{name:>8}" for name in parts))
+    for label in labels:
+        click.echo(f"{label:<22}" + "".join(f"{proportions[name][label]:>8.2f}" for name in parts))
+    click.echo(f"studies: " + ", ".join(f"{name} {len(v)}" for name, v in parts.items()) + f"  ({path})")
+
+
+@cli.command()
+@data_options
+@model_options
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Studies per micro-batch (per process).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warmup, then cosine decay.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping.")
+@click.option("--eval-every", type=int, default=50, show_default=True, help="Validation loss and samples every N steps.")
+@click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps.")
+@click.option("--num-samples", type=int, default=2, show_default=True, help="Greedy sample reports at each validation.")
+@click.option("--no-augment", is_flag=True, help="Disable augmentation (small affine + contrast; never flips).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory in the LLM.")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
+@click.option("--stop-after", type=int, default=None, hidden=True)
+def report(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed,
+           preset, config_path, overrides, out_dir, steps, batch_size, grad_accum, lr, warmup_steps, weight_decay,
+           clip, eval_every, save_every, num_samples, no_augment, gradient_checkpointing, resume, stop_after):
+    """Train the fusion (Conv1x1 + MLP) and LoRA on reports (the default subcommand)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from radixpert.train.report import TrainSettings, plot_losses, train_report
+
+    config = resolve_config(preset, config_path, overrides)
+    out = Path(out_dir)
+    parts, path, _ = load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label,
+                                 split_path, seed, out_dir)
+    settings = TrainSettings(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                             weight_decay=weight_decay, clip=clip, eval_every=eval_every, save_every=save_every,
+                             num_samples=num_samples, augment=not no_augment,
+                             gradient_checkpointing=gradient_checkpointing, stop_after=stop_after)
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False) as bar:
+        task = bar.add_task("train", total=steps, status="")
+
+        def show(row: dict) -> None:
+            status = f"loss {row['loss']:.3f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+            if "val_loss" in row:
+                status += f" val {row['val_loss']:.3f}"
+            bar.update(task, completed=row["step"], status=status)
+
+        rows = train_report(config, parts["train"], parts["val"], settings, out, path, resume=resume, seed=seed, progress=show)
+    if (out / "metrics.jsonl").exists() and rows:
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        click.echo(json.dumps({"last_loss": rows[-1]["loss"], "steps": rows[-1]["step"], "out": str(out)}))
+
+
+def main() -> None:
+    """Entry point: one-line errors with documented exit codes, never a traceback for bad input."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RadixpertError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line, keep the traceback out of clinical logs
+        click.echo(f"internal error: {exc.__class__.__name__}: {exc}; please report it", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()
