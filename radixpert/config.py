@@ -173,7 +173,17 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 
 def _tiny() -> RadixpertConfig:
-    return RadixpertConfig()
+    """Tests: everything random and small. A random LLM knows no language to adapt, so its
+    LoRA also covers the MLP projections; the real presets follow the paper (attention only)."""
+    return RadixpertConfig(
+        llm_dim=128,
+        llm_ffn=512,
+        llm_heads=4,
+        projector_hidden=256,
+        lora_rank=16,
+        lora_alpha=32,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
 
 
 def _demo() -> RadixpertConfig:

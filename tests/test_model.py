@@ -33,7 +33,9 @@ def _lora_count(config, llm_config) -> int:
     q_out = config.llm_heads * config.llm_head_dim
     kv_out = config.llm_kv_heads * config.llm_head_dim
     shapes = {"q_proj": (config.llm_dim, q_out), "k_proj": (config.llm_dim, kv_out),
-              "v_proj": (config.llm_dim, kv_out), "o_proj": (q_out, config.llm_dim)}
+              "v_proj": (config.llm_dim, kv_out), "o_proj": (q_out, config.llm_dim),
+              "gate_proj": (config.llm_dim, config.llm_ffn), "up_proj": (config.llm_dim, config.llm_ffn),
+              "down_proj": (config.llm_ffn, config.llm_dim)}
     per_layer = sum(config.lora_rank * (shapes[t][0] + shapes[t][1]) for t in config.lora_targets)
     return per_layer * llm_config.num_hidden_layers
 

@@ -20,7 +20,7 @@ from radixpert.train.cli import cli
 from radixpert.train.data import patient_split, read_table, select
 from radixpert.train.report import TrainSettings, train_report
 
-SETTINGS = dict(steps=100, batch_size=4, lr=3e-3, warmup_steps=5, eval_every=50, save_every=50, num_samples=1)
+SETTINGS = dict(steps=100, batch_size=4, lr=2e-2, warmup_steps=5, eval_every=50, save_every=50, num_samples=1)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ DDP_SCRIPT = textwrap.dedent(
     csv_path, out = sys.argv[1], Path(sys.argv[2])
     studies = read_table(csv_path)
     split = patient_split(studies, seed=0)
-    settings = TrainSettings(steps=6, batch_size=2, lr=3e-3, warmup_steps=2, eval_every=6, save_every=6, num_samples=0)
+    settings = TrainSettings(steps=6, batch_size=2, lr=2e-2, warmup_steps=2, eval_every=6, save_every=6, num_samples=0)
     model, _ = train_report(get_config("tiny"), select(studies, split["train"]), select(studies, split["val"]),
                             settings, out, seed=0)
     trained = {k: v.detach().contiguous() for k, v in model.named_parameters() if v.requires_grad}

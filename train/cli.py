@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def resolve_config(preset: str, config_path: str | None, overrides: tuple[str, .
     return config.replace(**pairs).validate()
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun launch, which stay quiet."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed, out_dir):
     """(studies per split, split file path), creating and saving the split when needed."""
     from radixpert.train.data import label_proportions, patient_split, read_table, save_split, select, stratified_subset
@@ -81,7 +87,8 @@ def load_splits(csv_path, images, dicom_dir, report_column, projections, subset,
         split = patient_split(studies, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_split(path, split, seed, csv_path)
-        click.echo(f"split written to {path}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()), err=True)
+        if is_main_process():
+            click.echo(f"split written to {path}: " + ", ".join(f"{k} {len(v)}" for k, v in split.items()), err=True)
     parts = {name: select(studies, ids) if ids else [] for name, ids in split.items()}
     return parts, path, {name: label_proportions(studies, ids) for name, ids in split.items()}
 
@@ -132,7 +139,7 @@ def split(csv_path, images, dicom_dir, report_column, projections, subset, min_p
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Studies per micro-batch (per process).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (AdamW); the tiny preset's random LLM needs about 2e-2.")
 @click.option("--warmup-steps", type=int, default=10, show_default=True, help="Linear warmup, then cosine decay.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW weight decay.")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping.")
@@ -160,7 +167,7 @@ def report(csv_path, images, dicom_dir, report_column, projections, subset, min_
                              num_samples=num_samples, augment=not no_augment,
                              gradient_checkpointing=gradient_checkpointing, stop_after=stop_after)
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), transient=False) as bar:
+                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not is_main_process()) as bar:
         task = bar.add_task("train", total=steps, status="")
 
         def show(row: dict) -> None:
@@ -169,10 +176,50 @@ def report(csv_path, images, dicom_dir, report_column, projections, subset, min_
                 status += f" val {row['val_loss']:.3f}"
             bar.update(task, completed=row["step"], status=status)
 
-        rows = train_report(config, parts["train"], parts["val"], settings, out, path, resume=resume, seed=seed, progress=show)
-    if (out / "metrics.jsonl").exists() and rows:
+        _, rows = train_report(config, parts["train"], parts["val"], settings, out, path, resume=resume, seed=seed, progress=show)
+    if is_main_process() and (out / "metrics.jsonl").exists() and rows:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         click.echo(json.dumps({"last_loss": rows[-1]["loss"], "steps": rows[-1]["step"], "out": str(out)}))
+
+
+def _expert_command(kind: str):
+    """The `segmenter` and `encoder` subcommands: stand-in expert pretraining on phantoms."""
+
+    @data_options
+    @model_options
+    @click.option("--steps", type=int, default=300, show_default=True, help="Optimizer steps.")
+    @click.option("--batch-size", type=int, default=8, show_default=True, help="Images per step.")
+    @click.option("--lr", type=float, default=3e-3, show_default=True, help="Learning rate (AdamW).")
+    @click.option("--no-augment", is_flag=True, help="Disable augmentation (small affine + contrast; never flips).")
+    def command(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed,
+                preset, config_path, overrides, out_dir, steps, batch_size, lr, no_augment):
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        from radixpert.train import experts
+
+        config = resolve_config(preset, config_path, overrides)
+        parts, _, _ = load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label,
+                                  split_path, seed, out_dir)
+        settings = experts.ExpertSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, augment=not no_augment)
+        run = experts.train_segmenter if kind == "segmenter" else experts.train_encoder
+        with Progress(TextColumn(f"[bold]{kind}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("{task.fields[status]}")) as bar:
+            task = bar.add_task(kind, total=steps, status="")
+            result = run(config, parts["train"], parts["val"], settings, Path(out_dir),
+                         progress=lambda row: bar.update(task, completed=row["step"], status=f"loss {row['loss']:.4f}"))
+        click.echo(json.dumps(result, indent=1))
+
+    command.__doc__ = {
+        "segmenter": "Pretrain the U-Net anatomy head on phantom masks; writes segmenter.safetensors and reports "
+                     "Dice per structure on held-out patients.",
+        "encoder": "Pretrain the small vision encoder on phantom images (finding presence without side, so it "
+                   "is never handed laterality); writes encoder.safetensors and held-out AUROC.",
+    }[kind]
+    return cli.command(name=kind)(command)
+
+
+segmenter = _expert_command("segmenter")
+encoder = _expert_command("encoder")
 
 
 def main() -> None:

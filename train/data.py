@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,10 @@ def file_digest(path: str | Path) -> str:
 
 def save_split(path: str | Path, split: dict[str, list[str]], seed: int, csv_path: str | Path) -> None:
     payload = {"seed": seed, "csv": Path(csv_path).name, "csv_sha256": file_digest(csv_path), "splits": split}
-    Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    # Written by every rank of a multi-process launch: same content, atomic rename.
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_split(path: str | Path) -> dict[str, list[str]]:

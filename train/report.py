@@ -128,8 +128,8 @@ def train_report(
     resume: bool = False,
     seed: int = 0,
     progress=None,
-) -> list[dict]:
-    """Train and checkpoint into ``out_dir``; returns the metrics rows of this process."""
+) -> tuple[RadixpertModel, list[dict]]:
+    """Train and checkpoint into ``out_dir``; returns the trained model and this process's metrics rows."""
     world = init_world()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -168,7 +168,7 @@ def train_report(
             with (contextlib.nullcontext() if sync else runner.no_sync()), _autocast(world.device):
                 loss = runner(images.to(world.device), reports) / settings.grad_accum
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             tokens += sum(len(ids) for ids in model.encode_reports(reports))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, settings.clip))
         optimizer.step()
@@ -200,7 +200,7 @@ def train_report(
                             {"settings": asdict(settings), "seed": seed}, split_path)
         if world.size > 1:
             dist.barrier()
-    return rows
+    return model, rows
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
