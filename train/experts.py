@@ -290,15 +290,13 @@ def presence_targets(studies: list[Study]) -> np.ndarray:
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney) statistic; None if one class is absent."""
-    from scipy.stats import rankdata
+    """Area under the ROC curve (scikit-learn); None when one class is absent from ``truth``."""
+    from sklearn.metrics import roc_auc_score
 
     positives = truth > 0.5
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
+    if positives.all() or not positives.any():
         return None
-    ranks = rankdata(scores)  # ties get their average rank, i.e. count one half
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positives, scores))
 
 
 @torch.no_grad()
