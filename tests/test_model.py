@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radixpert.model import IGNORE_INDEX, area_pooling_matrix, build_model, count_parameters
+from radixpert.model import IGNORE_INDEX, area_pooling_matrix, count_parameters
 
 REPORTS = ["Derrame pleural derecho.", "Sin hallazgos patológicos significativos. Índice cardiotorácico normal."]
 

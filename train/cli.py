@@ -130,7 +130,7 @@ def split(csv_path, images, dicom_dir, report_column, projections, subset, min_p
     click.echo(f"{'label':<22}" + "".join(f"{name:>8}" for name in parts))
     for label in labels:
         click.echo(f"{label:<22}" + "".join(f"{proportions[name][label]:>8.2f}" for name in parts))
-    click.echo(f"studies: " + ", ".join(f"{name} {len(v)}" for name, v in parts.items()) + f"  ({path})")
+    click.echo("studies: " + ", ".join(f"{name} {len(v)}" for name, v in parts.items()) + f"  ({path})")
 
 
 @cli.command()
