@@ -48,6 +48,8 @@ def build_tiny_llm(config: RadixpertConfig, vocab_size: int):
         num_attention_heads=config.llm_heads,
         num_key_value_heads=config.llm_kv_heads,
         head_dim=config.llm_head_dim,
+        # Gemma 3 scales queries by 1/sqrt(head_dim) in every released size; llama.cpp assumes it.
+        query_pre_attn_scalar=config.llm_head_dim,
         sliding_window=config.llm_sliding_window,
         layer_types=layer_types,
         max_position_embeddings=2048,
