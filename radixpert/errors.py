@@ -7,6 +7,7 @@ Exit codes (shared by every ``radixpert-*`` command):
 * 2 - usage error (bad option or configuration)
 * 3 - an input file was refused or unreadable (the rest of a batch still runs)
 * 4 - a model, checkpoint or bundle is missing or invalid
+* 5 - export: an exported engine drifted from the PyTorch model beyond a parity threshold
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_MODEL = 4
+EXIT_PARITY = 5
 
 
 class RadixpertError(Exception):
@@ -42,3 +44,10 @@ class ModelError(RadixpertError):
 
     exit_code = EXIT_MODEL
     code = "model"
+
+
+class ParityError(ModelError):
+    """An exported engine drifted from the PyTorch model beyond a threshold."""
+
+    exit_code = EXIT_PARITY
+    code = "parity"

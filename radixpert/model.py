@@ -287,8 +287,11 @@ class RadixpertModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
-    def generate(self, image: torch.Tensor, max_new_tokens: int | None = None) -> list[list[int]]:
-        """Greedy decoding, one image at a time: the reference every parity test compares to."""
+    def generate(self, image: torch.Tensor, max_new_tokens: int | None = None, ignore_stop: bool = False) -> list[list[int]]:
+        """Greedy decoding, one image at a time: the reference every parity test compares to.
+
+        ``ignore_stop`` decodes exactly ``max_new_tokens`` (parity checks need a fixed length).
+        """
         limit = max_new_tokens if max_new_tokens is not None else self.config.max_new_tokens
         visual_tokens, _ = self.frontend(image)
         outputs = []
@@ -298,7 +301,7 @@ class RadixpertModel(nn.Module):
             tokens: list[int] = []
             while len(tokens) < limit:
                 next_id = int(result.logits[0, -1].argmax())
-                if next_id in self.stop_ids:
+                if next_id in self.stop_ids and not ignore_stop:
                     break
                 tokens.append(next_id)
                 step = torch.tensor([[next_id]], device=embeds.device)

@@ -6,7 +6,8 @@ A checkpoint folder ``step-000050/`` holds:
 * ``adapter/``: the peft LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``);
 * ``config.json`` and ``split.json``: what the run was trained with;
 * ``optimizer.safetensors`` + ``trainer_state.json``: optimizer moments, scheduler, step and RNG
-  state, so that ``--resume`` continues exactly.
+  state, so that ``--resume`` continues exactly;
+* ``checksums.json``: the sha256 of every file above, so export refuses a damaged copy.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from radixpert.bundle import sha256_of
 from radixpert.errors import ModelError
 
 FUSION_FILE = "fusion.safetensors"
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+CHECKSUMS_FILE = "checksums.json"
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -85,9 +88,37 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, extra:
     save_file({**opt_tensors, **rng_tensors}, str(tmp / OPTIMIZER_FILE))
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    write_checksums(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+    sums = {p.relative_to(folder).as_posix(): sha256_of(p) for p in files}
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+
+
+def verify_checksums(folder: Path) -> bool:
+    """Check every recorded file; False when the checkpoint predates checksums.
+
+    Raises ModelError naming the first damaged or missing file.
+    """
+    path = folder / CHECKSUMS_FILE
+    if not path.exists():
+        return False
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise ModelError(f"{path} is damaged; copy the checkpoint again") from None
+    for name, expected in sums.items():
+        file = folder / name
+        if not file.is_file():
+            raise ModelError(f"checkpoint file {name} is missing from {folder}; copy the whole checkpoint folder")
+        if sha256_of(file) != expected:
+            raise ModelError(f"checkpoint file {name} in {folder} fails its sha256 check; the copy is damaged")
+    return True
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,0 +1,316 @@
+"""Training run -> edge bundle: merge, ONNX frontend, GGUF LLM, parity, manifest.
+
+The bundle is built in ``<out>.partial`` and renamed to ``<out>`` only when every parity
+check passes; a drifted build is kept as ``<out>.rejected`` for inspection, never as a bundle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from radixpert.bundle import FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table
+from radixpert.errors import ModelError, ParityError, RadixpertError, UsageError
+from radixpert.export import parity
+from radixpert.export.gguf import QUANTS, quantize_gguf, write_gguf
+from radixpert.export.merge import load_run, merge_lora, save_merged
+from radixpert.export.onnx_frontend import export_frontend, frontend_parity
+from radixpert.imageio import read_image
+from radixpert.model import RadixpertModel
+from radixpert.runtime.llm import LlamaRunner
+
+FRONTEND_FILE = "frontend.onnx"
+FRONTEND_INT8_FILE = "frontend-int8.onnx"
+ENGINE_FILE = "frontend-fp16.engine"
+HF_DIR = "hf"
+
+
+@dataclass
+class ExportOptions:
+    quants: tuple[str, ...] = ("f16", "q4_k_m")
+    int8: bool = False
+    tensorrt: bool = False
+    tensorrt_max_batch: int = 4
+    samples: int = 2
+    e2e_tokens: int = 48
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
+    data: str | None = None  # PadChest-format CSV of the run: calibration and parity images
+    images: str | None = None
+    keep_hf: bool = True
+    threads: int | None = None
+    force: bool = False
+    split_path: Path | None = None  # taken from the run's checkpoint
+    console: Any = None  # where one-line notices go
+
+
+@dataclass
+class StepLog:
+    """Per-step wall time, reported in the summary and recorded in the manifest."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    progress: Any = None
+
+    @contextlib.contextmanager
+    def step(self, name: str, total: int | None = None) -> Iterator[Any]:
+        task = self.progress.add_task(name, total=total) if self.progress is not None else None
+
+        def advance(done: int, of: int | None = None) -> None:
+            if task is not None:
+                self.progress.update(task, completed=done, total=of if of is not None else total)
+
+        started = time.perf_counter()
+        yield advance
+        seconds = time.perf_counter() - started
+        if task is not None:
+            self.progress.update(task, completed=1, total=1)
+        self.rows.append({"step": name, "seconds": round(seconds, 3)})
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("torch", "transformers", "peft", "onnx", "onnxruntime", "llama_cpp_python", "gguf", "radixpert-edge"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return versions
+
+
+def check_disk_space(model: RadixpertModel, out: Path, options: ExportOptions) -> None:
+    """Refuse early, with the numbers, when the export cannot fit on the disk."""
+    llm_bytes = sum(p.numel() for p in model.llm.parameters()) * 4
+    per_quant = {"f32": 1.0, "f16": 0.5, "q8_0": 0.27, "q4_k_m": 0.16}
+    needed = llm_bytes * (1.0 * options.keep_hf + 0.5 + sum(per_quant[q] for q in options.quants))
+    needed += sum(p.numel() for p in model.frontend.parameters()) * 4 * (2 + options.int8)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if needed > free:
+        raise UsageError(f"not enough disk space in {out.parent}: the export needs about {needed / 1e9:.1f} GB, "
+                         f"{free / 1e9:.1f} GB are free; free some space or pass --out elsewhere")
+
+
+def sample_images(model: RadixpertModel, options: ExportOptions, split: str, count: int, work: Path) -> np.ndarray:
+    """(count, 3, S, S) model inputs: the run's own split when --data is given, else phantoms."""
+    size = model.config.image_size
+    if options.data:
+        from radixpert.train.data import load_split, read_table, select
+
+        checkpoint_split = options.split_path
+        studies = read_table(options.data, images=options.images, projections=None)
+        ids = load_split(checkpoint_split)[split] if checkpoint_split else [s.image_id for s in studies]
+        chosen = select(studies, ids)[:count]
+        return np.stack([read_image(s.image_path, size).model_input for s in chosen]).astype(np.float32)
+    from radixpert.phantom import write_dataset
+
+    # Phantoms from a seed of their own; read through the runtime's DICOM reader like any scan.
+    folder = write_dataset(work / f"phantoms-{split}", n=count, seed=9100 + len(split), size=512, workers=1)
+    import csv
+
+    with open(folder / "phantoms.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return np.stack([read_image(folder / row["DicomPath"], size).model_input for row in rows]).astype(np.float32)
+
+
+def template_token_ids(model: RadixpertModel) -> dict[str, Any]:
+    tokenizer = model.tokenizer
+    return {
+        "prefix": list(model.prefix_ids),
+        "suffix": list(model.suffix_ids),
+        "stop": sorted(model.stop_ids),
+        **{name: tokenizer.convert_tokens_to_ids(text) for name, text in
+           {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "start_of_image": "<start_of_image>",
+            "end_of_image": "<end_of_image>", "start_of_turn": "<start_of_turn>", "end_of_turn": "<end_of_turn>"}.items()},
+    }
+
+
+def context_length(model: RadixpertModel, max_new_tokens: int) -> int:
+    needed = len(model.prefix_ids) + model.config.num_patches + len(model.suffix_ids) + max_new_tokens + 8
+    return int(-(-needed // 256) * 256)
+
+
+def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, progress: Any = None) -> dict[str, Any]:
+    """Build the bundle; returns the manifest. Raises ParityError (after keeping the rejected
+    build) when any parity check breaks its threshold."""
+    out = Path(out)
+    unknown = [q for q in options.quants if q not in QUANTS]
+    if unknown or not options.quants:
+        raise UsageError(f"--quant must be among {', '.join(QUANTS)}, got {', '.join(options.quants) or 'nothing'}")
+    if out.exists() and not options.force:
+        raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+    steps = StepLog(progress=progress)
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    torch.set_grad_enabled(False)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+    with steps.step("load run"):
+        model, checkpoint, verified = load_run(run_dir)
+        options.split_path = checkpoint / "split.json" if (checkpoint / "split.json").exists() else None
+    check_disk_space(model, out, options)
+    config = model.config
+    files: list[tuple[Path, str]] = []
+    results: dict[str, Any] = {}
+    failures: list[str] = []
+
+    with steps.step("merge LoRA"):
+        merge_lora(model)
+        if options.keep_hf:
+            hf_dir = save_merged(model, work / HF_DIR)
+        else:
+            hf_dir = save_merged(model, work / "tmp-hf")
+
+    with steps.step("sample images"):
+        parity_images = sample_images(model, options, "test", options.samples, work / "tmp-data")
+    images_t = torch.from_numpy(parity_images)
+
+    with steps.step("frontend ONNX"):
+        onnx_path = export_frontend(model.frontend, config, work / FRONTEND_FILE)
+        results["frontend"] = frontend_parity(model.frontend, onnx_path, parity_images)
+        for output in ("visual_tokens", "masks"):
+            failures += parity.judge("frontend", results["frontend"][output], options.thresholds)
+        files.append((onnx_path, "frontend"))
+
+    if options.int8:
+        from radixpert.export.onnx_frontend import int8_report, quantize_frontend_int8
+
+        with steps.step("frontend INT8"):
+            calibration = sample_images(model, options, "train", 16, work / "tmp-data")
+            int8_path = quantize_frontend_int8(onnx_path, work / FRONTEND_INT8_FILE, calibration)
+            results["frontend_int8"] = int8_report(onnx_path, int8_path, parity_images)
+            failures += parity.judge("frontend_int8", results["frontend_int8"]["visual_tokens"], options.thresholds)
+            files.append((int8_path, "frontend-int8"))
+
+    results["tensorrt"] = tensorrt_step(options, steps, onnx_path, work, parity_images, files, failures)
+
+    with steps.step("GGUF convert", total=1) as advance:
+        source_dtype = "f32" if "f32" in options.quants else "f16"
+        base = write_gguf(hf_dir, work / f"llm-{source_dtype}.gguf", dtype=source_dtype, progress=advance)
+    llm_paths = {source_dtype: base}
+    for quant in options.quants:
+        if quant in llm_paths:
+            continue
+        with steps.step(f"GGUF {quant}"):
+            if quant in ("f32", "f16"):
+                llm_paths[quant] = write_gguf(hf_dir, work / f"llm-{quant}.gguf", dtype=quant)
+            else:
+                llm_paths[quant] = quantize_gguf(base, work / f"llm-{quant}.gguf", quant, threads=options.threads or 0)
+
+    token_ids = template_token_ids(model)
+    n_ctx = context_length(model, max(options.e2e_tokens, config.max_new_tokens))
+    results["llm"], results["e2e"] = {}, {}
+    with steps.step("parity: PyTorch reference"):
+        reference = model.generate(images_t, max_new_tokens=options.e2e_tokens)
+    from radixpert.runtime.frontend import OnnxFrontend
+
+    exported_visual, _ = OnnxFrontend(onnx_path, providers=["CPUExecutionProvider"], threads=options.threads).run(parity_images)
+    for quant in options.quants:
+        with steps.step(f"parity: LLM {quant}"):
+            with LlamaRunner(llm_paths[quant], n_ctx=n_ctx, threads=options.threads, gpu_layers=0) as runner:
+                check_tokenizer(runner, model, quant)
+                results["llm"][quant] = parity.llm_parity(model, runner, images_t)
+                exported = [runner.generate(token_ids["prefix"], exported_visual[b], token_ids["suffix"],
+                                            options.e2e_tokens, token_ids["stop"]).tokens
+                            for b in range(exported_visual.shape[0])]
+            results["e2e"][quant] = parity.end_to_end_parity(reference, exported)
+            failures += parity.judge(f"llm.{quant}", results["llm"][quant], options.thresholds)
+            failures += parity.judge(f"e2e.{quant}", results["e2e"][quant], options.thresholds)
+    if source_dtype not in options.quants:
+        llm_paths.pop(source_dtype).unlink()
+    files += [(llm_paths[q], f"llm-{q}") for q in options.quants]
+
+    (work / LABELS).write_text(json.dumps(label_table(config.mask_names), indent=1) + "\n", encoding="utf-8")
+    files.append((work / LABELS, "labels"))
+    shutil.rmtree(work / "tmp-data", ignore_errors=True)
+    shutil.rmtree(work / "tmp-hf", ignore_errors=True)
+    if options.keep_hf:
+        files += [(p, "hf") for p in sorted((work / HF_DIR).rglob("*")) if p.is_file()]
+
+    with steps.step("manifest"):
+        entries = [file_entry(path, work, role) for path, role in files]
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "bundle_id": "",
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"checkpoint": checkpoint.name, "run": Path(run_dir).name, "checksums_verified": verified},
+            "config": config.to_dict(),
+            "prompt": model.template.to_manifest(),
+            "tokens": token_ids,
+            "visual": {"num_tokens": config.num_patches, "dim": config.llm_dim, "image_size": config.image_size,
+                       "masks": config.num_masks, "input": "image", "outputs": ["visual_tokens", "masks"]},
+            "llm": {"quants": list(options.quants), "default_quant": default_quant(options.quants), "n_ctx": n_ctx},
+            "labels": LABELS,
+            "parity": {**results, "thresholds": options.thresholds, "failures": failures, "passed": not failures},
+            "versions": library_versions(),
+            "steps": steps.rows,
+            "files": entries,
+        }
+        identity = json.dumps([manifest["config"], [(e["path"], e["sha256"]) for e in entries]], sort_keys=True)
+        manifest["bundle_id"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    if failures:
+        rejected = out.with_name(out.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        work.rename(rejected)
+        raise ParityError(f"parity failed ({'; '.join(failures)}); the build is kept in {rejected} for inspection "
+                          "and no bundle was written (override with --threshold NAME=VALUE if this is expected)")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return manifest
+
+
+def default_quant(quants: tuple[str, ...]) -> str:
+    """The fastest quantization present (decode is memory-bound: fewer bytes, faster)."""
+    order = ["q4_k_m", "q8_0", "f16", "f32"]
+    return next(q for q in order if q in quants)
+
+
+def check_tokenizer(runner: LlamaRunner, model: RadixpertModel, quant: str) -> None:
+    """The GGUF's tokenizer must give the HF ids for the template, special tokens included."""
+    template = model.template
+    for text, expected in ((template.prefix, model.prefix_ids), (template.suffix, model.suffix_ids)):
+        if runner.tokenize(text) != list(expected):
+            raise ModelError(f"the {quant} GGUF tokenizes the prompt template differently from the HF tokenizer; "
+                             "this is an export bug, please report it")
+
+
+def tensorrt_step(options: ExportOptions, steps: StepLog, onnx_path: Path, work: Path, images: np.ndarray,
+                  files: list[tuple[Path, str]], failures: list[str]) -> dict[str, Any]:
+    """Build and check the TensorRT engine where possible; otherwise say why in one line."""
+    if not options.tensorrt:
+        return {"built": False, "reason": "not requested (--tensorrt)"}
+    from radixpert.export.tensorrt import build_engine, engine_parity, tensorrt_available
+
+    available, reason = tensorrt_available()
+    if not available:
+        if options.console is not None:
+            options.console.print(f"TensorRT skipped: {reason}")
+        return {"built": False, "reason": reason}
+    with steps.step("TensorRT FP16 engine"):
+        engine = build_engine(onnx_path, work / ENGINE_FILE, max_batch=options.tensorrt_max_batch, fp16=True)
+        result = {"built": True, "max_batch": options.tensorrt_max_batch, **engine_parity(engine, onnx_path, images)}
+        failures += parity.judge("tensorrt", result["visual_tokens"], options.thresholds)
+        files.append((engine, "tensorrt"))
+    return result
+
+
+def describe_failure(exc: BaseException) -> RadixpertError:
+    """Map library errors that reach the export to one-line errors."""
+    if isinstance(exc, RadixpertError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return UsageError("the disk filled up during export; free some space and run it again")
+    return RadixpertError(f"export failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -1,0 +1,194 @@
+"""``radixpert-run``: draft reports for DICOM/PNG scans with an exported bundle, offline, no torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from radixpert.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError, RadixpertError, UsageError
+
+_DICOM_OR_PNG_HEAD = (b"\x89PNG",)
+
+
+def collect_scans(items: tuple[str, ...]) -> tuple[list[Path], int]:
+    """Files named on the command line, plus DICOM/PNG files found under named folders.
+
+    Returns (scans, files skipped in folders because they are neither DICOM nor PNG).
+    Named files are always tried, so a wrong one is reported rather than skipped.
+    """
+    scans: list[Path] = []
+    skipped = 0
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                if _looks_like_scan(child):
+                    scans.append(child)
+                else:
+                    skipped += 1
+        else:
+            scans.append(path)
+    return scans, skipped
+
+
+def _looks_like_scan(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return True  # let the reader report it
+    return head.startswith(_DICOM_OR_PNG_HEAD) or head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("scans", nargs=-1, required=True, type=click.Path())
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False), default=None,
+              help="Bundle folder from radixpert-export [default: $RADIXPERT_BUNDLE, else the demo bundle in "
+                   "$RADIXPERT_CACHE or ~/.cache/radixpert/bundles/demo].")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: the report on stdout; json: one JSON object per scan (JSON Lines).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for --sr and --overlay files [default: next to nothing; required with them].")
+@click.option("--sr", is_flag=True, help="Write a DICOM Comprehensive SR (UTF-8 Spanish draft) per DICOM scan.")
+@click.option("--overlay", is_flag=True, help="Write a PNG of the scan with the anatomy maps the LLM was given.")
+@click.option("--stream", is_flag=True, help="Print the report token by token as it is written (text format).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=None, help="Report length limit [default: the bundle's].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for ONNX Runtime and llama.cpp.")
+@click.option("--providers", default=None, help="ONNX Runtime providers in order, e.g. cuda,cpu [default: tensorrt, "
+                                                 "cuda, cpu, those available].")
+@click.option("--quant", default=None, help="Which LLM file of the bundle to use [default: the bundle's default].")
+@click.option("--gpu-layers", type=int, default=None, help="LLM layers to offload to the GPU [default: all if this "
+                                                           "llama.cpp build has GPU support, else 0].")
+@click.option("--timings", is_flag=True, help="Print per-stage timings for each scan (stderr in text format).")
+@click.option("--verify", is_flag=True, help="Check every bundle file's sha256 before running.")
+def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant, gpu_layers,
+         timings, verify) -> None:
+    """Write a draft Spanish report for each SCAN (DICOM file, PNG, or folder searched recursively).
+
+    One model load serves every scan. A refused file is reported and skipped; the others go on.
+
+    \b
+    Exit codes: 0 all scans reported; 3 at least one scan refused (see the summary);
+    2 usage error; 4 bundle missing or damaged; 1 internal error.
+    Not for clinical use: every report is a draft for a radiologist to read and sign.
+    """
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    try:
+        code = run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant,
+                   gpu_layers, timings, verify, err)
+    except RadixpertError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line, no traceback, no patient data
+        err.print(f"[red]internal error:[/red] {exc.__class__.__name__}; please report it")
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code)
+
+
+def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant, gpu_layers,
+        timings, verify, err) -> int:
+    from radixpert.bundle import bundle_env_default, load_bundle
+    from radixpert.runtime.frontend import parse_providers
+    from radixpert.runtime.pipeline import Reporter
+
+    if (sr or overlay) and not out_dir:
+        raise UsageError("--sr and --overlay write files: pass --out DIR")
+    paths, skipped = collect_scans(scans)
+    if not paths:
+        raise UsageError("no DICOM or PNG files found in the given paths")
+    root = Path(bundle_dir) if bundle_dir else bundle_env_default()
+    if not bundle_dir and not (root / "manifest.json").exists():
+        raise_missing_default_bundle(root)
+    bundle = load_bundle(root, verify=verify)
+    reporter = Reporter(bundle, providers=parse_providers(providers) if providers else None, threads=threads,
+                        quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens)
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for index, path in enumerate(paths):
+        failed += not report_one(reporter, path, index, fmt, out, sr, overlay, stream, timings, err)
+    summary = f"{len(paths) - failed} of {len(paths)} scan(s) reported"
+    if failed:
+        summary += f", {failed} refused"
+    if skipped:
+        summary += f"; {skipped} non-image file(s) skipped in folders"
+    if len(paths) > 1 or failed or skipped:
+        err.print(summary)
+    reporter.close()
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def report_one(reporter, path: Path, index: int, fmt: str, out: Path | None, sr: bool, overlay: bool, stream: bool,
+               timings: bool, err) -> bool:
+    """Report one scan and print it; False when the scan was refused."""
+    from radixpert.runtime.outputs import write_overlay, write_sr
+
+    record: dict[str, Any] = {"input": str(path), **reporter.describe()}
+    streaming = stream and fmt == "text"
+    try:
+        result = reporter.report(path, on_token=(lambda piece: print(piece, end="", flush=True)) if streaming else None)
+        files = {}
+        stem = f"{index:04d}-{path.stem}"
+        if sr:
+            if result.source != "dicom":
+                raise UsageError(f"{path.name}: --sr needs a DICOM input (this is a {result.source.upper()})")
+            files["sr"] = str(write_sr(path, result.report, out / f"{stem}.sr.dcm", bundle_id=reporter.bundle.bundle_id,
+                                       model_name=reporter.bundle.config.name, warnings=result.warnings))
+        if overlay:
+            files["overlay"] = str(write_overlay(result.display, result.masks, reporter.bundle.labels,
+                                                 out / f"{stem}.overlay.png", title=path.name))
+    except (InputError, UsageError) as exc:
+        record.update({"error": {"code": exc.code, "exit_code": exc.exit_code, "message": str(exc)}})
+        if fmt == "json":
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        err.print(f"[red]refused:[/red] {exc}")
+        return False
+    record.update({"sop_instance_uid": result.sop_instance_uid, "report": result.report, "stopped": result.stopped,
+                   "timings": rounded(result.timings), "warnings": result.warnings, "files": files})
+    if fmt == "json":
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    else:
+        if streaming:
+            print(flush=True)
+        else:
+            if index:
+                print()
+            print(result.report, flush=True)
+        for warning in result.warnings:
+            err.print(f"[yellow]warning:[/yellow] {path.name}: {warning}")
+    if timings and fmt == "text":
+        err.print(format_timings(path.name, result.timings))
+    return True
+
+
+def rounded(timings: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in timings.items()}
+
+
+def format_timings(name: str, t: dict[str, Any]) -> str:
+    prefix = "cached" if t["prefix_cached"] else "computed"
+    return (f"{name}: read {t['read_ms']:.1f} ms | preprocess {t['preprocess_ms']:.1f} ms | frontend "
+            f"{t['frontend_ms']:.1f} ms | prefix {t['prefix_ms']:.1f} ms ({prefix}) | visual prefill "
+            f"{t['visual_prefill_ms']:.1f} ms | first token {t['first_token_ms']:.1f} ms | decode "
+            f"{t['new_tokens']} tok at {t['decode_tokens_per_s']:.1f} tok/s | total {t['total_ms']:.0f} ms")
+
+
+def raise_missing_default_bundle(root: Path) -> None:
+    from radixpert.errors import ModelError
+
+    raise ModelError(f"no bundle at {root}; build one with radixpert-export RUN --out DIR and pass --bundle DIR "
+                     "(or set RADIXPERT_BUNDLE)")
+
+
+if __name__ == "__main__":
+    main()

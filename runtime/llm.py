@@ -1,0 +1,275 @@
+"""The LLM half of the runtime: a GGUF model in llama.cpp fed with raw visual embeddings.
+
+Torch-free. Built on llama-cpp-python's low-level C API, because its high-level ``Llama``
+class only accepts token ids. The sequence follows ``radixpert.prompt``:
+
+* text (prefix, suffix, generated tokens) goes in as token ids, which llama.cpp scales by
+  sqrt(n_embd) exactly as HF Gemma 3 does;
+* the N_p visual tokens go in as raw float32 embeddings, unscaled;
+* attention is causal throughout (llama.cpp's default), as in training.
+
+One batch cannot mix tokens and embeddings, so chunks are decoded one after another with
+continuing positions. The prefix is identical for every scan, so :meth:`LlamaRunner.generate`
+keeps it in the KV cache and trims back to it (``llama_memory_seq_rm``) for the next scan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from radixpert.errors import ModelError
+
+_LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelError("llama-cpp-python is not installed; install radixpert-edge (it is a base dependency)") from None
+    return llama_cpp
+
+
+def silence_llama_logs() -> None:
+    """Route llama.cpp's C logging to nowhere (it is chatty on stderr)."""
+    global _LOG_CALLBACK
+    llama_cpp = _import_llama_cpp()
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p())
+
+
+def gpu_offload_supported() -> bool:
+    return bool(_import_llama_cpp().llama_supports_gpu_offload())
+
+
+@dataclass
+class GenerationResult:
+    """Greedy output of one scan, with the timings the runtime reports."""
+
+    tokens: list[int]
+    stopped: str  # "eog", "max_tokens"
+    prefix_cached: bool
+    prefix_s: float
+    visual_prefill_s: float
+    first_token_s: float
+    decode_s: float
+    decode_steps: int  # single-token evaluations after the first token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 and self.decode_steps else 0.0
+
+
+class LlamaRunner:
+    """One GGUF model and one context; sequence 0 only."""
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        n_ctx: int = 1024,
+        threads: int | None = None,
+        gpu_layers: int | None = None,
+        n_batch: int = 512,
+        verbose: bool = False,
+    ):
+        llama_cpp = _import_llama_cpp()
+        self._c = llama_cpp
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} not found; rebuild the bundle with radixpert-export")
+        if not verbose:
+            silence_llama_logs()
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        if gpu_layers is None:
+            gpu_layers = 999 if llama_cpp.llama_supports_gpu_offload() else 0
+        model_params.n_gpu_layers = gpu_layers
+        self.gpu_layers = gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise ModelError(f"llama.cpp could not load {path.name}; the file is corrupt or not a Gemma 3 GGUF")
+        self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_threads = self.threads
+        ctx_params.n_threads_batch = self.threads
+        # Keep every sliding-window layer's cache whole, so trimming back to the cached
+        # prefix is always possible (pruned SWA entries could not be restored).
+        ctx_params.swa_full = True
+        ctx_params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens for {path.name}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._token_batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        self.n_past = 0
+        self._cached_prefix: tuple[int, ...] = ()
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        c = self._c
+        if getattr(self, "_ctx", None):
+            c.llama_batch_free(self._token_batch)
+            c.llama_batch_free(self._embd_batch)
+            c.llama_free(self._ctx)
+            c.llama_model_free(self._model)
+            self._ctx = None
+
+    def __enter__(self) -> "LlamaRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- vocabulary ----------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Ids for text that may contain special-token strings; adds no BOS of its own."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        out = (self._c.llama_token * capacity)()
+        n = self._c.llama_tokenize(self._vocab, data, len(data), out, capacity, False, True)
+        if n < 0:
+            raise ModelError("llama.cpp tokenization overflowed; the GGUF vocabulary is unusual")
+        return list(out[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(self._c.llama_vocab_is_eog(self._vocab, token))
+
+    # --- evaluation ----------------------------------------------------------------------
+    def reset(self) -> None:
+        self._c.llama_memory_clear(self._memory, True)
+        self.n_past = 0
+        self._cached_prefix = ()
+
+    def trim(self, n_keep: int) -> None:
+        """Drop every cached position >= n_keep."""
+        if not self._c.llama_memory_seq_rm(self._memory, 0, n_keep, -1):
+            raise ModelError("llama.cpp refused to trim its KV cache; this model's cache cannot keep a prefix")
+        self.n_past = n_keep
+
+    def _logits_row(self, index: int) -> np.ndarray:
+        pointer = self._c.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+
+    def _decode(self, batch, n: int, all_logits: bool) -> list[np.ndarray]:
+        for i in range(n):
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+        batch.n_tokens = n
+        if self.n_past + n > self.n_ctx:
+            raise ModelError(f"the prompt needs {self.n_past + n} positions but the context holds {self.n_ctx}")
+        status = self._c.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise ModelError(f"llama_decode failed with status {status}")
+        self.n_past += n
+        return [self._logits_row(i) for i in range(n)] if all_logits else [self._logits_row(n - 1)]
+
+    def eval_tokens(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append token ids; logits of the last position (1-D) or of every position (2-D)."""
+        rows: list[np.ndarray] = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            for i, token in enumerate(chunk):
+                self._token_batch.token[i] = int(token)
+            rows += self._decode(self._token_batch, len(chunk), all_logits)
+        return np.stack(rows) if all_logits else rows[-1]
+
+    def eval_embeddings(self, embeddings: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Append raw (n, n_embd) embeddings; logits as in :meth:`eval_tokens`."""
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.n_embd:
+            raise ModelError(f"visual tokens have shape {embeddings.shape}, the LLM expects (n, {self.n_embd})")
+        rows: list[np.ndarray] = []
+        row_bytes = self.n_embd * 4
+        for start in range(0, embeddings.shape[0], self.n_batch):
+            chunk = embeddings[start : start + self.n_batch]
+            ctypes.memmove(self._embd_batch.embd, chunk.ctypes.data, chunk.shape[0] * row_bytes)
+            rows += self._decode(self._embd_batch, chunk.shape[0], all_logits)
+        return np.stack(rows) if all_logits else rows[-1]
+
+    # --- generation ----------------------------------------------------------------------
+    def start(self, prefix_ids: Sequence[int]) -> tuple[bool, float]:
+        """Make the KV cache hold exactly ``prefix_ids``; (was it cached?, seconds spent)."""
+        started = time.perf_counter()
+        prefix = tuple(prefix_ids)
+        if prefix and self._cached_prefix == prefix and self.n_past >= len(prefix):
+            self.trim(len(prefix))
+            return True, time.perf_counter() - started
+        self.reset()
+        self.eval_tokens(prefix)
+        self._cached_prefix = prefix
+        return False, time.perf_counter() - started
+
+    def generate(
+        self,
+        prefix_ids: Sequence[int],
+        visual_tokens: np.ndarray,
+        suffix_ids: Sequence[int],
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Greedy report tokens for one scan (stop tokens are not included)."""
+        prefix_cached, prefix_s = self.start(prefix_ids)
+        started = time.perf_counter()
+        self.eval_embeddings(visual_tokens)
+        visual_s = time.perf_counter() - started
+        started = time.perf_counter()
+        logits = self.eval_tokens(suffix_ids)
+        first_s = time.perf_counter() - started
+        stops = set(stop_ids)
+        tokens: list[int] = []
+        stopped = "max_tokens"
+        steps = 0
+        decode_started = time.perf_counter()
+        while len(tokens) < max_new_tokens:
+            token = int(np.argmax(logits))
+            if not ignore_eos and (token in stops or self.is_end_of_generation(token)):
+                stopped = "eog"
+                break
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if len(tokens) == max_new_tokens:
+                break
+            logits = self.eval_tokens([token])
+            steps += 1
+        decode_s = time.perf_counter() - decode_started
+        return GenerationResult(tokens, stopped, prefix_cached, prefix_s, visual_s, first_s, decode_s, steps)
