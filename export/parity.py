@@ -23,6 +23,7 @@ from radixpert.runtime.llm import LlamaRunner
 # the record with loose floors; f32/f16 are held to tight ones.
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "frontend.max_abs": 1e-4,
+    "frontend.rel_l2": 1e-5,
     "frontend_int8.rel_l2": 0.25,
     "tensorrt.rel_l2": 1e-2,
     "llm.f32.max_abs": 1e-2,

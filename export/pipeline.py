@@ -182,12 +182,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
         files.append((onnx_path, "frontend"))
 
     if options.int8:
-        from radixpert.export.onnx_frontend import int8_report, quantize_frontend_int8
+        from radixpert.export.onnx_frontend import measure_int8, quantize_frontend_int8
 
         with steps.step("frontend INT8"):
             calibration = sample_images(model, options, "train", 16, work / "tmp-data")
             int8_path = quantize_frontend_int8(onnx_path, work / FRONTEND_INT8_FILE, calibration)
-            results["frontend_int8"] = int8_report(onnx_path, int8_path, parity_images)
+            results["frontend_int8"] = measure_int8(onnx_path, int8_path, parity_images, threads=options.threads or 2)
             failures += parity.judge("frontend_int8", results["frontend_int8"]["visual_tokens"], options.thresholds)
             files.append((int8_path, "frontend-int8"))
 

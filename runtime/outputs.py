@@ -1,0 +1,225 @@
+"""The runtime's file outputs: a DICOM SR draft report and an anatomy-overlay PNG (torch-free).
+
+Only numpy, pydicom, highdicom and Pillow are used; nothing here logs, so no patient data
+leaves the files the caller asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from radixpert.errors import InputError, UsageError
+from radixpert.imageio import letterbox_resize
+
+__all__ = ["MANUFACTURER", "SERIES_DESCRIPTION", "write_overlay", "write_sr"]
+
+SERIES_DESCRIPTION = "BORRADOR - NO USO CLINICO / draft, not for clinical use"  # LO: <= 64 chars
+MANUFACTURER = "Radixpert Edge"
+DISCLAIMER = ("BORRADOR generado automáticamente por Radixpert Edge, no verificado por un radiólogo; "
+              "no apto para uso clínico.")
+# Derived series conventionally get high numbers, clear of the modality's own series.
+SERIES_NUMBER = 990
+_SPANISH = hd.sr.CodedConcept("es", "RFC5646", "Spanish")
+_ENGLISH = hd.sr.CodedConcept("en", "RFC5646", "English")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Type 2 attributes highdicom reads from the evidence; anonymized files often drop them.
+_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+          "StudyDate", "StudyTime")
+
+
+def write_sr(source_path: Path, report: str, out_path: Path, *, bundle_id: str, model_name: str,
+             warnings: Sequence[str] = ()) -> Path:
+    """Write ``report`` as a draft Comprehensive SR in the source image's study; return ``out_path``.
+
+    Comprehensive SR (not Enhanced SR) because it is the SR class archives and viewers most widely
+    accept and highdicom reads back, and it leaves room to add SCOORD anatomy regions or
+    by-reference links later without changing class. The tree uses only CONTAINER, CODE, TEXT,
+    UIDREF and IMAGE items::
+
+        CONTAINER (18748-4, LN, "Diagnostic Imaging Report")
+          HAS CONCEPT MOD  language = es
+          HAS OBS CONTEXT  device observer: Radixpert Edge, model name
+          HAS CONCEPT MOD  Algorithm Name = model_name, Algorithm Version = bundle_id
+          CONTAINS CONTAINER (121070, DCM, "Findings")
+            CONTAINS TEXT (121071, DCM, "Finding")   one per non-empty report line
+            CONTAINS IMAGE (121080, DCM, "Best illustration of finding") -> source image
+          CONTAINS TEXT (121106, DCM, "Comment")     the draft disclaimer
+          CONTAINS TEXT (121106, DCM, "Comment")     one per reader warning, marked language en
+
+    One TEXT per line rather than per sentence: splitting Spanish prose at full stops breaks on
+    decimals and abbreviations, while lines are the structure the model actually wrote. Flags are
+    UNVERIFIED, PARTIAL and PRELIMINARY: a radiologist completes and signs the report, not us.
+    """
+    source_path, out_path = Path(source_path), Path(out_path)
+    evidence = _read_source(source_path)
+    for keyword in _TYPE2:
+        if keyword not in evidence:
+            setattr(evidence, keyword, "")
+
+    findings = hd.sr.ContainerContentItem(codes.DCM.Findings, relationship_type="CONTAINS")
+    findings.ContentSequence = [
+        *(hd.sr.TextContentItem(codes.DCM.Finding, line, relationship_type="CONTAINS") for line in _lines(report)),
+        hd.sr.ImageContentItem(codes.DCM.BestIllustrationOfFinding, evidence.SOPClassUID, evidence.SOPInstanceUID,
+                               relationship_type="CONTAINS"),
+    ]
+    notes = [hd.sr.TextContentItem(codes.DCM.Comment, DISCLAIMER, relationship_type="CONTAINS")]
+    for warning in warnings:
+        note = hd.sr.TextContentItem(codes.DCM.Comment, str(warning), relationship_type="CONTAINS")
+        note.ContentSequence = list(hd.sr.LanguageOfContentItemAndDescendants(_ENGLISH))  # reader warnings are English
+        notes.append(note)
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        # Stable per bundle, so every report from one bundle names the same device observer.
+        uid=generate_uid(entropy_srcs=["radixpert-edge", bundle_id]),
+        name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=model_name[:64])
+    root = hd.sr.ContainerContentItem(codes.LN.DiagnosticImagingReport)
+    root.ContentSequence = [
+        *hd.sr.LanguageOfContentItemAndDescendants(_SPANISH),
+        *hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
+        *hd.sr.AlgorithmIdentification(name=model_name, version=bundle_id),
+        findings,
+        *notes,
+    ]
+    try:
+        sr = hd.sr.ComprehensiveSR(
+            evidence=[evidence], content=root, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
+            is_complete=False, is_final=False, is_verified=False,
+            series_description=SERIES_DESCRIPTION, manufacturer_model_name=model_name[:64],
+            software_versions=bundle_id[:64], specific_character_set="ISO_IR 192")
+    except (AttributeError, TypeError, ValueError) as exc:
+        # highdicom names the attribute, never its value, so the message holds no patient data.
+        raise InputError(f"{source_path.name}: cannot reference this DICOM in an SR ({_short(exc)}); "
+                         "check its header") from None
+    _atomic_write(out_path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+    return out_path
+
+
+def write_overlay(display: np.ndarray, masks: np.ndarray, labels: list[dict[str, Any]], out_path: Path, *,
+                  title: str | None = None, threshold: float = 0.5, size: int = 512, alpha: float = 0.35) -> Path:
+    """Write a PNG of the radiograph with the anatomy maps in colour and a legend band below it.
+
+    Geometry: the maps live in the model's letterboxed input square, so the display is put through
+    the same :func:`letterbox_resize` at ``size`` and the maps are bilinearly upsampled to it. Both
+    are then the same square frame scaled, which keeps them in registration exactly, and the PNG
+    shows what the model saw, padding included. Each map at or above ``threshold`` is filled
+    translucently (``alpha``) and outlined with an opaque contour just inside its edge.
+    No orientation letters are drawn: the label names say which side is which.
+    """
+    image = np.asarray(display, dtype=np.float32)
+    maps = np.asarray(masks, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"display must be a 2-D image, got shape {image.shape}")
+    if maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
+        raise ValueError(f"masks must be (K, S, S), got shape {maps.shape}")
+    if maps.shape[0] != len(labels):
+        raise ValueError(f"masks have {maps.shape[0]} channels but {len(labels)} labels were given")
+
+    gray = np.clip(np.nan_to_num(letterbox_resize(image, size)), 0.0, 1.0)
+    canvas = np.repeat(gray[..., None] * 255.0, 3, axis=2)
+    inside = [_upsample(np.nan_to_num(m), size) >= threshold for m in maps]
+    for region, label in zip(inside, labels):
+        colour = np.asarray(label["colour"][:3], np.float32)
+        canvas[region] = (1.0 - alpha) * canvas[region] + alpha * colour
+    for region, label in zip(inside, labels):  # contours after all fills, so none is washed over
+        canvas[_contour(region, width=max(1, size // 256))] = label["colour"][:3]
+
+    picture = Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")
+    legend = _legend(labels, size, title)
+    sheet = Image.new("RGB", (size, size + legend.height))
+    sheet.paste(picture, (0, 0))
+    sheet.paste(legend, (0, size))
+    _atomic_write(Path(out_path), lambda tmp: sheet.save(tmp, format="PNG"))
+    return Path(out_path)
+
+
+def _read_source(path: Path) -> pydicom.Dataset:
+    """The source header (pixels are not needed); a non-DICOM input is a usage error."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise InputError(f"{path.name}: cannot be read ({exc.strerror}); check the path") from None
+    if head == _PNG_MAGIC:
+        raise UsageError(f"{path.name}: --sr needs a DICOM input (this is a PNG)")
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"{path.name}: --sr needs a DICOM input ({_short(exc)})") from None
+    if not ds.get("SOPClassUID"):  # force=True parses any bytes; a real DICOM object always has one
+        raise UsageError(f"{path.name}: --sr needs a DICOM input (this is not a DICOM object)")
+    missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not ds.get(k)]
+    if missing:
+        raise InputError(f"{path.name}: DICOM header lacks {', '.join(missing)}, so an SR cannot reference it")
+    return ds
+
+
+def _lines(report: str) -> list[str]:
+    return [line.strip() for line in report.splitlines() if line.strip()]
+
+
+def _upsample(prob: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of one (S, S) map to (size, size): pixel centres stay aligned, as in the image."""
+    pil = Image.fromarray(np.ascontiguousarray(prob, dtype=np.float32), "F")
+    return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _contour(region: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``region`` within ``width`` (4-neighbour steps) of its edge, so lines stay inside it."""
+    core = region.copy()
+    for _ in range(width):
+        padded = np.pad(core, 1, constant_values=False)
+        core = core & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return region & ~core
+
+
+def _legend(labels: list[dict[str, Any]], width: int, title: str | None) -> Image.Image:
+    """A white band with the title, then a swatch and name per label, wrapped to ``width``."""
+    font = ImageFont.load_default(size=14)
+    pad, swatch, row = 8, 14, 22
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    places, x, y = [], pad, pad + (row if title else 0)
+    for label in labels:
+        need = swatch + 6 + int(draw.textlength(str(label["name"]), font=font)) + 2 * pad
+        if x > pad and x + need > width:
+            x, y = pad, y + row
+        places.append((x, y))
+        x += need
+    band = Image.new("RGB", (width, y + row + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for (x, y), label in zip(places, labels):
+        draw.rectangle([x, y + 2, x + swatch - 1, y + 1 + swatch], fill=tuple(label["colour"][:3]),
+                       outline=(96, 96, 96) if sum(label["colour"][:3]) > 600 else None)
+        draw.text((x + swatch + 6, y), str(label["name"]), fill=(0, 0, 0), font=font)
+    return band
+
+
+def _atomic_write(out_path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a failure never leaves half a file."""
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, out_path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {out_path}: {exc.strerror or exc}; check the --out folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
