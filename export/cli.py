@@ -47,7 +47,7 @@ def main(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, ima
     """
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples,
                               e2e_tokens, thresholds, no_hf, threads, force, console)

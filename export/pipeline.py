@@ -7,6 +7,7 @@ check passes; a drifted build is kept as ``<out>.rejected`` for inspection, neve
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
 import hashlib
 import json
@@ -112,12 +113,10 @@ def sample_images(model: RadixpertModel, options: ExportOptions, split: str, cou
     from radixpert.phantom import write_dataset
 
     # Phantoms from a seed of their own; read through the runtime's DICOM reader like any scan.
-    folder = write_dataset(work / f"phantoms-{split}", n=count, seed=9100 + len(split), size=512, workers=1)
-    import csv
-
-    with open(folder / "phantoms.csv", newline="", encoding="utf-8") as handle:
+    table = write_dataset(work / f"phantoms-{split}", n=count, seed=9100 + len(split), size=512, workers=1)
+    with open(table, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return np.stack([read_image(folder / row["DicomPath"], size).model_input for row in rows]).astype(np.float32)
+    return np.stack([read_image(table.parent / row["DicomPath"], size).model_input for row in rows]).astype(np.float32)
 
 
 def template_token_ids(model: RadixpertModel) -> dict[str, Any]:

@@ -78,7 +78,7 @@ def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, t
     """
     from rich.console import Console
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         code = run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant,
                    gpu_layers, timings, verify, err)
