@@ -104,6 +104,7 @@ def gguf_text_logits(runner: LlamaRunner, model: RadixpertModel, visual_tokens: 
     return np.concatenate([last_visual[None], text], axis=0)
 
 
+@torch.no_grad()
 def llm_parity(model: RadixpertModel, runner: LlamaRunner, images: torch.Tensor, continuation_tokens: int = 16
                ) -> dict[str, float]:
     """Logit parity over the suffix plus a fixed greedy continuation, for each image."""

@@ -107,6 +107,10 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 224
+# A chest radiograph is a few thousand pixels a side; beyond this, decoding alone would take
+# gigabytes, so such files are refused from their header. (Too-small images are a policy of
+# the report runtime, not of the reader.)
+MAX_SIDE = 16384
 
 # Projection radiography. DR is not a DICOM code but some vendors write it.
 ACCEPTED_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
@@ -327,6 +331,7 @@ def _check_dicom(ds: Dataset, name: str, warns: list[str]) -> dict[str, Any]:
             "pixel); give a grayscale radiograph"
         )
 
+    _check_size(_header_int(ds, "Rows", name, default=0), _header_int(ds, "Columns", name, default=0), name)
     try:
         rescale = _rescale(ds)
     except (TypeError, ValueError):
@@ -525,10 +530,17 @@ def _header_int(ds: Dataset, keyword: str, name: str, default: int) -> int:
 # --------------------------------------------------------------------------
 
 
+def _check_size(rows: int, columns: int, name: str) -> None:
+    if max(rows, columns) > MAX_SIDE:
+        raise InputError(f"{name}: image is {columns}x{rows} pixels, larger than {MAX_SIDE} a side; "
+                         "downsample it before reporting")
+
+
 def _read_png(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
     name = p.name
     try:
         with Image.open(p) as im:
+            _check_size(im.height, im.width, name)
             im.load()
             mode = im.mode
             if mode == "P":
@@ -538,6 +550,8 @@ def _read_png(p: Path) -> tuple[np.ndarray, dict[str, Any]]:
                 im = im.convert("L")
                 mode = "L"
             arr = np.array(im)
+    except InputError:
+        raise
     except Exception as exc:  # truncated or corrupt PNGs raise OSError/SyntaxError/ValueError
         raise InputError(f"{name}: PNG cannot be read ({_short(exc)}); check the file") from None
 

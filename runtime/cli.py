@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, t
 
     \b
     Exit codes: 0 all scans reported; 3 at least one scan refused (see the summary);
-    2 usage error; 4 bundle missing or damaged; 1 internal error.
+    2 usage error; 4 bundle missing or damaged; 1 internal error (RADIXPERT_DEBUG=1 shows the traceback).
     Not for clinical use: every report is a draft for a radiologist to read and sign.
     """
     from rich.console import Console
@@ -89,6 +90,8 @@ def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, t
         err.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # a bug: one line, no traceback, no patient data
+        if os.environ.get("RADIXPERT_DEBUG"):
+            raise
         err.print(f"[red]internal error:[/red] {exc.__class__.__name__}; please report it")
         sys.exit(EXIT_INTERNAL)
     sys.exit(code)

@@ -15,9 +15,13 @@ from typing import Any
 import numpy as np
 
 from radixpert.bundle import Bundle
+from radixpert.errors import InputError
 from radixpert.imageio import letterbox_resize, normalize_imagenet, read_display
 from radixpert.runtime.frontend import OnnxFrontend
 from radixpert.runtime.llm import LlamaRunner
+
+# Smaller images are thumbnails or icons, not radiographs worth a draft report.
+MIN_SIDE = 64
 
 
 @dataclass
@@ -81,6 +85,9 @@ class Reporter:
         """Write the draft report for one scan; InputError for a refused file."""
         t0 = time.perf_counter()
         display, meta = read_display(path)
+        if min(display.shape) < MIN_SIDE:
+            raise InputError(f"{Path(path).name}: image is {display.shape[1]}x{display.shape[0]} pixels, too small for a "
+                             f"radiograph (minimum {MIN_SIDE} a side); give the full-resolution image")
         t1 = time.perf_counter()
         image = normalize_imagenet(letterbox_resize(display, self.image_size))[None]
         t2 = time.perf_counter()
@@ -114,10 +121,14 @@ class Reporter:
 
 
 class _Utf8Stream:
-    """Turns token ids into text pieces without splitting multi-byte UTF-8 characters."""
+    """Token ids -> text pieces, never splitting a multi-byte UTF-8 character, and holding back
+    leading and trailing whitespace so that the streamed text equals the final (stripped) report."""
 
     def __init__(self, llm: LlamaRunner, sink: Callable[[str], None]):
-        self.llm, self.sink, self.pending = llm, sink, b""
+        self.llm, self.sink = llm, sink
+        self.pending = b""
+        self.held = ""
+        self.started = False
 
     def __call__(self, token: int) -> None:
         self.pending += self.llm.token_bytes(token)
@@ -126,9 +137,19 @@ class _Utf8Stream:
         except UnicodeDecodeError:
             return  # wait for the rest of the character
         self.pending = b""
-        self.sink(text)
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body):]
+        if not self.started:
+            body = body.lstrip()
+            self.started = bool(body)
+        if body:
+            self.sink(body)
 
     def flush(self) -> None:
         if self.pending:
-            self.sink(self.pending.decode("utf-8", errors="replace"))
+            self._emit(self.pending.decode("utf-8", errors="replace"))
             self.pending = b""

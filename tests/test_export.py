@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,31 +20,7 @@ from radixpert.config import get_config
 from radixpert.errors import ModelError
 from radixpert.export.merge import load_run, merge_lora
 from radixpert.export.parity import llm_parity, token_match
-from radixpert.export.pipeline import ExportOptions, export_bundle
 from radixpert.runtime.llm import LlamaRunner
-from radixpert.train.data import patient_split, read_table, select
-from radixpert.train.report import TrainSettings, train_report
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    from radixpert.phantom import write_dataset
-
-    data = write_dataset(tmp_path_factory.mktemp("phantoms"), n=24, seed=3, size=256, workers=1)
-    studies = read_table(data)
-    split = patient_split(studies, seed=0)
-    out = tmp_path_factory.mktemp("run")
-    settings = TrainSettings(steps=12, batch_size=4, lr=2e-2, warmup_steps=2, eval_every=100, save_every=12, num_samples=0)
-    train_report(get_config("tiny"), select(studies, split["train"]), [], settings, out, seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundle(run_dir, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    options = ExportOptions(quants=("f32", "f16", "q8_0"), samples=2, e2e_tokens=24, threads=2)
-    manifest = export_bundle(run_dir, out, options)
-    return out, manifest
 
 
 def test_bundle_manifest_hashes_verify_and_record_everything(bundle):
