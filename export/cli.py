@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def main(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, ima
         console.print("interrupted; the partial build is left in OUT.partial")
         sys.exit(130)
     except Exception as exc:  # an unexpected library failure: one line, not a traceback
+        if os.environ.get("RADIXPERT_DEBUG"):
+            raise
         from radixpert.export.pipeline import describe_failure
 
         error = describe_failure(exc)

@@ -27,3 +27,10 @@ def test_no_pickle_files_are_tracked():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"))]
 
+
+
+def test_every_parity_threshold_is_documented():
+    from radixpert.export.parity import DEFAULT_THRESHOLDS
+
+    doc = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
+    assert all(f"`{name}`" in doc for name in DEFAULT_THRESHOLDS)

@@ -49,7 +49,7 @@ BLOCKERS = textwrap.dedent(
 def scans(tmp_path_factory) -> list[Path]:
     from radixpert.phantom import write_dataset
 
-    table = write_dataset(tmp_path_factory.mktemp("scans"), n=3, seed=11, size=512, workers=1)
+    table = write_dataset(tmp_path_factory.mktemp("scans"), n=20, seed=11, size=256, workers=1)
     with open(table, newline="", encoding="utf-8") as handle:
         return [table.parent / row["DicomPath"] for row in csv.DictReader(handle)]
 
@@ -65,13 +65,15 @@ def test_runtime_writes_the_pytorch_reference_tokens(bundle, run_dir, scans):
     out, _ = bundle
     model, _, _ = load_run(run_dir)
     merge_lora(model)
-    images = torch.from_numpy(np.stack([read_image(p, 224).model_input for p in scans]))
-    reference = model.generate(images, max_new_tokens=20)
-    reporter = Reporter(load_bundle(out), quant="f32", threads=2, max_new_tokens=20)
+    chosen = scans[:6]
+    images = torch.from_numpy(np.stack([read_image(p, 224).model_input for p in chosen]))
+    reference = model.generate(images, max_new_tokens=32, ignore_stop=True)
+    reporter = Reporter(load_bundle(out), quant="f32", threads=2)
     try:
-        produced = [reporter.report(p).tokens for p in scans]
+        produced = [reporter.report(p, ignore_eos=True, max_new_tokens=32).tokens for p in chosen]
     finally:
         reporter.close()
+    assert all(len(t) == 32 for t in reference)
     assert produced == reference
 
 
@@ -168,19 +170,19 @@ def _bad_inputs(folder: Path, good: Path) -> dict[str, Path]:
 def test_bad_inputs_are_one_line_refusals_and_the_batch_goes_on(bundle, scans, tmp_path):
     out, _ = bundle
     cases = _bad_inputs(tmp_path / "bad", scans[0])
-    args = [str(scans[0]), *map(str, cases.values()), str(scans[1])]
+    args = [str(scans[0]), *map(str, cases.values()), *map(str, scans[1:])]
     done = _run(*args, "--bundle", str(out), "--format", "json", "--max-new-tokens", "4")
     assert done.returncode == 3, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "Secret" not in done.stderr + done.stdout
     records = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert len(records) == len(args)
-    assert "report" in records[0] and "report" in records[-1]
-    for record, name in zip(records[1:-1], cases):
+    assert all("report" in r for r in records[:1] + records[1 + len(cases):])
+    for record, name in zip(records[1:], cases):
         assert record["error"]["code"] == "input" and record["error"]["exit_code"] == 3, (name, record)
         assert "\n" not in record["error"]["message"]
     refusals = [line for line in done.stderr.splitlines() if line.startswith("refused:")]
     assert len(refusals) == len(cases)
-    assert f"2 of {len(args)} scan(s) reported, {len(cases)} refused" in done.stderr
+    assert f"{len(scans)} of {len(args)} scan(s) reported, {len(cases)} refused" in done.stderr
 
 
 def test_text_stream_and_folder_input(bundle, scans, tmp_path):
@@ -216,3 +218,30 @@ def test_bundle_errors_and_usage_errors_have_their_own_codes(bundle, scans, tmp_
     env_default = _run(str(scans[0]), env={**__import__("os").environ, "RADIXPERT_BUNDLE": str(tmp_path / "nowhere")})
     assert env_default.returncode == 4 and "nowhere" in env_default.stderr
     assert _run("--help").returncode == 0
+
+
+def test_overlay_puts_each_lung_on_its_side(tmp_path):
+    """Radiographs are read facing the patient: the right lung is on the image's left."""
+    from PIL import Image
+
+    from radixpert.bundle import label_table
+    from radixpert.config import MASK_NAMES
+    from radixpert.imageio import letterbox_resize
+    from radixpert.phantom import read_masks, write_dataset
+    from radixpert.runtime.outputs import write_overlay
+
+    table = write_dataset(tmp_path / "p", n=1, seed=4, size=256, workers=1)
+    with open(table, newline="", encoding="utf-8") as handle:
+        row = next(csv.DictReader(handle))
+    scan = read_image(table.parent / row["DicomPath"], 224)
+    masks = letterbox_resize(read_masks(table.parent / row["MaskPath"]), 224)
+    labels = label_table(MASK_NAMES)
+    path = write_overlay(scan.display, masks, labels, tmp_path / "o.png")
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)[:512, :512]
+    for name, side in (("right_lung", slice(0, 256)), ("left_lung", slice(256, 512))):
+        colour = np.array(next(label["colour"] for label in labels if label["name"] == name))
+        chroma, direction = rgb - rgb.mean(-1, keepdims=True), colour - colour.mean()
+        tint = chroma @ direction / np.linalg.norm(direction) > 15  # pixels tinted towards this label's colour
+        print(name, tint[:, side].sum(), tint.sum() - tint[:, side].sum())
+        other = slice(256, 512) if side.start == 0 else slice(0, 256)
+        assert tint[:, side].sum() > 20 * max(1, tint[:, other].sum()), name
