@@ -22,19 +22,19 @@ Conventions that llama.cpp needs and that are easy to get silently wrong:
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from radixpert.runtime.llm import silence_llama_logs
 
 from radixpert.errors import ModelError, UsageError
 
@@ -165,9 +165,10 @@ def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     params.ftype = getattr(llama_cpp, _LLAMA_FTYPES[quant])
     params.nthread = int(threads)
     llama_cpp.llama_backend_init()
+    # llama.cpp logs a line per tensor (and a warning per fallback type); failures show in the code.
+    silence_llama_logs()
     try:
-        with _quiet_llama():
-            code = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
         if code != 0 or not partial.is_file():
             raise ModelError(f"llama.cpp could not quantize {src} to {quant} (code {code}); is it an f16/f32 GGUF from write_gguf?")
         partial.replace(dst)
@@ -490,22 +491,6 @@ def _add_vocab(writer: Any, vocab: _Vocab) -> None:
 
 
 # ---------------------------------------------------------------- llama.cpp logging
-
-
-@contextlib.contextmanager
-def _quiet_llama() -> Iterator[None]:
-    """Only llama.cpp errors reach stderr while quantizing (its INFO log is thousands of lines)."""
-    try:
-        from llama_cpp import _logger  # private: llama-cpp-python's bridge from C logs to Python
-    except ImportError:
-        yield
-        return
-    level = _logger.logger.level
-    _logger.logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        _logger.logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- synthetic models
