@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from radixpert.bundle import FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table
 from radixpert.errors import ModelError, ParityError, RadixpertError, UsageError
@@ -34,6 +35,7 @@ from radixpert.runtime.llm import LlamaRunner
 
 FRONTEND_FILE = "frontend.onnx"
 FRONTEND_INT8_FILE = "frontend-int8.onnx"
+FRONTEND_TORCH_FILE = "frontend.safetensors"  # the same frontend for PyTorch (radixpert-bench compare)
 ENGINE_FILE = "frontend-fp16.engine"
 HF_DIR = "hf"
 
@@ -179,6 +181,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
         for output in ("visual_tokens", "masks"):
             failures += parity.judge("frontend", results["frontend"][output], options.thresholds)
         files.append((onnx_path, "frontend"))
+        # The eager reference of radixpert-bench rebuilds Frontend(config) from these exact weights.
+        save_file({k: v.detach().contiguous() for k, v in model.frontend.state_dict().items()}, str(work / FRONTEND_TORCH_FILE))
+        files.append((work / FRONTEND_TORCH_FILE, "frontend-torch"))
 
     if options.int8:
         from radixpert.export.onnx_frontend import measure_int8, quantize_frontend_int8

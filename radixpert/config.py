@@ -69,6 +69,13 @@ class RadixpertConfig:
     llm_sliding_window: int = 64
     llm_vocab_size: int = 0  # 0: taken from the tokenizer
 
+    # Ablation switches (the paper's Table III). use_anatomy False feeds the fusion all-zero
+    # pooled masks: H_seg is then the Conv1x1 bias, the same for every patch, so the LLM gets no
+    # anatomy while shapes, export and runtime stay as they are. use_lora False trains no adapter:
+    # the LLM stays frozen and only the fusion (Conv1x1 + projector) learns.
+    use_anatomy: bool = True
+    use_lora: bool = True
+
     # LoRA on the attention projections.
     lora_rank: int = 8
     lora_alpha: int = 16

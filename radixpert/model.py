@@ -134,6 +134,7 @@ class AnatomyFusion(nn.Module):
     def __init__(self, config: RadixpertConfig):
         super().__init__()
         pool = area_pooling_matrix(config.image_size, config.grid_size)
+        self.use_anatomy = config.use_anatomy
         # Derived from the config, so not saved with the weights.
         self.register_buffer("pool_rows", pool, persistent=False)
         self.register_buffer("pool_cols_t", pool.t().contiguous(), persistent=False)
@@ -152,7 +153,10 @@ class AnatomyFusion(nn.Module):
         return self.pool_rows @ masks @ self.pool_cols_t
 
     def forward(self, patch_features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        mask_embed = self.mask_proj(self.pool_masks(masks))  # (B, D_emb, G, G)
+        pooled = self.pool_masks(masks)
+        if not self.use_anatomy:  # ablation: the same path, with no anatomy in it
+            pooled = torch.zeros_like(pooled)
+        mask_embed = self.mask_proj(pooled)  # (B, D_emb, G, G)
         fused = torch.cat([patch_features, mask_embed.flatten(2).transpose(1, 2)], dim=-1)
         return self.projector(fused)
 
@@ -321,14 +325,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def build_model(config: RadixpertConfig, template: PromptTemplate = DEFAULT_TEMPLATE) -> RadixpertModel:
-    """The full model for a config: experts loaded from their paths if given, LLM with LoRA."""
+    """The full model for a config: experts loaded from their paths if given, LLM with LoRA
+    (or, with ``use_lora`` off, the LLM frozen as it is)."""
     from radixpert.llm import check_llm_shape, load_llm
 
     config.validate()
     torch.manual_seed(config.seed)
     llm, tokenizer = load_llm(config)
     check_llm_shape(llm, config)
-    model = RadixpertModel(config, apply_lora(llm, config), tokenizer, template)
+    llm = apply_lora(llm, config) if config.use_lora else llm.requires_grad_(False)
+    model = RadixpertModel(config, llm, tokenizer, template)
     if config.encoder_path:
         load_safetensors_into(model.frontend.encoder, config.encoder_path, "encoder")
     if config.segmenter_path:

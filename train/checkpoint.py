@@ -4,6 +4,7 @@ A checkpoint folder ``step-000050/`` holds:
 
 * ``fusion.safetensors``: the Conv1x1 and MLP projector;
 * ``adapter/``: the peft LoRA adapter (``adapter_model.safetensors`` + ``adapter_config.json``);
+  absent when the config has ``use_lora`` off (the LLM is then not trained at all);
 * ``config.json`` and ``split.json``: what the run was trained with;
 * ``optimizer.safetensors`` + ``trainer_state.json``: optimizer moments, scheduler, step and RNG
   state, so that ``--resume`` continues exactly;
@@ -79,7 +80,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, extra:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous() for k, v in model.frontend.fusion.state_dict().items()}, str(tmp / FUSION_FILE))
-    model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+    if model.config.use_lora:  # without LoRA the LLM is untouched: nothing to save
+        model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
     model.config.save(tmp / "config.json")
     if split_path is not None:
         shutil.copyfile(split_path, tmp / "split.json")
@@ -133,6 +135,10 @@ def load_trained_weights(model, folder: Path) -> None:
     if not (folder / FUSION_FILE).exists():
         raise ModelError(f"{folder} is not a training checkpoint (no {FUSION_FILE})")
     model.frontend.fusion.load_state_dict(load_file(str(folder / FUSION_FILE)))
+    if not model.config.use_lora:
+        return
+    if not (folder / ADAPTER_DIR / "adapter_model.safetensors").exists():
+        raise ModelError(f"{folder} has no LoRA adapter but its config has use_lora on; copy the whole checkpoint")
     adapter = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model.llm, adapter)
     if getattr(result, "unexpected_keys", None):

@@ -1,0 +1,1 @@
+"""Evaluation: Spanish report metrics, a rule-based finding and laterality labeler, the ablation."""

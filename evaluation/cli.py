@@ -1,0 +1,232 @@
+"""``radixpert-eval``: score Spanish draft reports, a bundle on a split, and the ablation."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from radixpert.errors import EXIT_INTERNAL, InputError, RadixpertError, UsageError
+
+HELP = """Score Spanish chest X-ray reports against references.
+
+\b
+Language metrics (Unicode tokens: lowercase, accents and ñ kept, punctuation dropped):
+  BLEU-1..4  corpus n-gram precision (clipped) x brevity penalty, geometric mean up to n
+  ROUGE-L    longest common subsequence F-measure (beta 1.2), mean over studies
+  METEOR     exact + Spanish-stem unigram alignment, F(alpha 0.9) x fragmentation penalty
+  CIDEr-D    TF-IDF 1..4-gram cosine with clipping and a length penalty (sigma 6), x10
+Clinical scores (rule-based Spanish labeler on prediction and reference; no model):
+  finding P/R/F1   per PadChest label, with micro (pooled) and macro (mean) F1
+  laterality acc.  same side as the reference, over findings in both with a stated side
+  swap rate        opposite side (right <-> left), over the same findings
+  zone accuracy    same lung zones, over findings in both with a stated zone
+
+\b
+Subcommands: score (JSON Lines from radixpert-run vs a CSV), bundle (run a bundle on a
+split, then score), ablation (base / +LoRA / +anatomy on phantoms), label (show the labeler).
+See docs/evaluation.md.
+"""
+
+
+@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    pass
+
+
+def _uncertain_option(func):
+    return click.option("--uncertain", type=click.Choice(["present", "absent"]), default="present", show_default=True,
+                        help="How hedged findings ('posible', 'compatible con') count.")(func)
+
+
+def _finish(metrics: dict, rows: list[dict], out: Path, title: str) -> None:
+    from radixpert.evaluation.scoring import markdown, write_outputs
+
+    paths = write_outputs(out, metrics, rows, title)
+    click.echo(markdown(metrics, title))
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()), err=True)
+
+
+@cli.command()
+@click.option("--pred", "pred_path", required=True, type=click.Path(dir_okay=False),
+              help="JSON Lines from radixpert-run --format json (fields input, report, optional error).")
+@click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False),
+              help="PadChest-format CSV with ImageID (and DicomPath) and the reference report column.")
+@click.option("--report-column", default="Report", show_default=True, help="Column with the reference text.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for metrics.json, metrics.md, per_study.csv [default: <PRED stem>-eval beside PRED].")
+@_uncertain_option
+def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
+    """Score predictions against references, matched by file stem (input vs ImageID or DicomPath)."""
+    from radixpert.evaluation.scoring import (
+        evaluate,
+        pair_up,
+        read_predictions,
+        read_references,
+    )
+
+    reported, refused = read_predictions(pred_path)
+    pairs, empty = pair_up(reported, read_references(ref_path, report_column))
+    metrics, rows = evaluate(pairs, uncertain == "present")
+    metrics.update({"refused": len(refused), "empty_references": empty, "predictions": str(pred_path),
+                    "references": str(ref_path)})
+    out = Path(out_dir) if out_dir else Path(pred_path).with_name(Path(pred_path).stem + "-eval")
+    _finish(metrics, rows, out, f"Evaluation of {Path(pred_path).name}")
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--data", "csv_path", required=True, type=click.Path(dir_okay=False), help="PadChest-format CSV.")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
+              help="Which studies to run ('all': every study of the CSV).")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None,
+              help="The training run's split.json (RUN/split.json); needed unless --split all.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N studies of the split.")
+@click.option("--report-column", default="Report", show_default=True, help="Column with the reference text.")
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Root of the ImageDir folders of PNGs.")
+@click.option("--dicom-dir", type=click.Path(file_okay=False), default=None, help="Read <DIR>/<ImageID stem>.dcm.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for the runtime.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=None, help="Report length limit.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for predictions.jsonl and the scores [default: eval-<bundle name>-<split>].")
+@_uncertain_option
+def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
+           out_dir, uncertain) -> None:
+    """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
+    from radixpert.evaluation.scoring import Pair, evaluate
+    from radixpert.runtime.pipeline import Reporter
+    from radixpert.train.data import load_split, read_table, select
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from radixpert.bundle import load_bundle
+
+    studies = read_table(csv_path, images=images, report_column=report_column, dicom_dir=dicom_dir)
+    if split != "all":
+        if not split_file:
+            raise UsageError(f"--split {split} needs --split-file (the training run's split.json), or use --split all")
+        studies = select(studies, load_split(split_file)[split])
+    studies = studies[:limit] if limit else studies
+    out = Path(out_dir) if out_dir else Path(f"eval-{Path(bundle_dir).name}-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens)
+    pairs, refused = [], 0
+    with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle, \
+            Progress(TextColumn("[bold]report"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task("report", total=len(studies))
+        for study in studies:
+            record: dict = {"input": study.image_path}
+            try:
+                record["report"] = reporter.report(Path(study.image_path)).report
+                pairs.append(Pair(study.image_id, study.image_path, record["report"], study.report))
+            except InputError as exc:  # one unreadable scan must not stop the evaluation
+                record["error"] = {"code": exc.code, "exit_code": exc.exit_code, "message": str(exc)}
+                refused += 1
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            bar.advance(task)
+    reporter.close()
+    metrics, rows = evaluate(pairs, uncertain == "present")
+    metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split})
+    _finish(metrics, rows, out, f"{Path(bundle_dir).name} on {split}")
+
+
+@cli.command()
+@click.option("--data", "csv_path", required=True, type=click.Path(dir_okay=False),
+              help="Phantom CSV (radixpert-phantom) or another PadChest-format CSV with MaskPath.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for runs and tables.")
+@click.option("--preset", default="tiny", show_default=True, help="Model preset of all three variants.")
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True, help="Report training steps, each variant.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Studies per step.")
+@click.option("--lr", type=float, default=2e-2, show_default=True, help="Peak learning rate (the tiny preset needs ~2e-2).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=20, show_default=True, help="Linear warmup steps.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, the experts and every variant.")
+@click.option("--split-file", type=click.Path(dir_okay=False), default=None, help="Reuse a split [default: a patient split, saved].")
+@click.option("--segmenter-steps", type=click.IntRange(min=1), default=400, show_default=True, help="Stand-in U-Net pretraining.")
+@click.option("--encoder-steps", type=click.IntRange(min=1), default=300, show_default=True, help="Stand-in encoder pretraining.")
+@click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False), default=None, help="Use these encoder weights.")
+@click.option("--segmenter", "segmenter_path", type=click.Path(dir_okay=False), default=None, help="Use these U-Net weights.")
+@click.option("--llm-pretrain-steps", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Text-only pretraining of the tiny preset's random LLM on the training reports, shared by all "
+                   "variants (the paper's base freezes a pretrained LLM); 0 keeps it random.")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score only the first N test studies.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Report length limit [default: the preset's].")
+def ablation(csv_path, out_dir, preset, steps, batch_size, lr, warmup_steps, seed, split_file, segmenter_steps, encoder_steps,
+             encoder_path, segmenter_path, llm_pretrain_steps, test_limit, max_new_tokens) -> None:
+    """Train base (projector only), +LoRA and +anatomy (full) alike; score them on the same test studies."""
+    from radixpert.evaluation.ablation import AblationSettings, run_ablation
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from radixpert.config import PRESETS
+
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    settings = AblationSettings(preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                seed=seed, segmenter_steps=segmenter_steps, encoder_steps=encoder_steps,
+                                llm_pretrain_steps=llm_pretrain_steps, test_limit=test_limit, max_new_tokens=max_new_tokens)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, row: dict, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total, status="")
+            bar.update(tasks[name], completed=row["step"], status=f"loss {row['loss']:.3f}")
+
+        summary = run_ablation(csv_path, out_dir, settings, split_file, encoder_path, segmenter_path,
+                               log=lambda text: bar.console.print(text), progress=progress)
+    from radixpert.evaluation.ablation import table
+
+    click.echo(table(summary))
+    click.echo(f"wrote {Path(out_dir) / 'ablation.md'} and {Path(out_dir) / 'ablation.json'}", err=True)
+
+
+@cli.command()
+@click.argument("texts", nargs=-1, required=True)
+def label(texts) -> None:
+    """Show the labeler's findings for each TEXT (status, side, zones), as JSON Lines."""
+    from dataclasses import asdict
+
+    from radixpert.evaluation.labeler import label_report, padchest_lists
+
+    for text in texts:
+        labels, locations = padchest_lists(text)
+        found = {name: asdict(f) for name, f in label_report(text).items()}
+        click.echo(json.dumps({"text": text, "findings": found, "Labels": labels, "Localizations": locations},
+                              ensure_ascii=False))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with documented exit codes."""
+    try:
+        cli.main(args=argv, prog_name="radixpert-eval", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RadixpertError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line, the traceback only on request
+        if os.environ.get("RADIXPERT_DEBUG"):
+            raise
+        click.echo(f"internal error: {exc.__class__.__name__}: {exc}; please report it", err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()
