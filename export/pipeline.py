@@ -138,6 +138,7 @@ def context_length(model: RadixpertModel, max_new_tokens: int) -> int:
     return int(-(-needed // 256) * 256)
 
 
+@torch.no_grad()
 def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, progress: Any = None) -> dict[str, Any]:
     """Build the bundle; returns the manifest. Raises ParityError (after keeping the rejected
     build) when any parity check breaks its threshold."""
@@ -151,7 +152,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    torch.set_grad_enabled(False)
     if options.threads:
         torch.set_num_threads(options.threads)
 

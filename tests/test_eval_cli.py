@@ -201,3 +201,40 @@ def test_label_shows_findings(run):
     record = json.loads(out)
     assert record["Labels"] == ["pleural effusion"] and record["Localizations"] == ["loc left"]
     assert record["findings"]["pneumothorax"]["status"] == "negative"
+
+
+def test_bundle_subcommand_runs_without_torch(tmp_path, phantom_table):
+    """The evaluation side of `bundle` (table, split, scores) imports no torch, as the runtime install has none."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        from types import SimpleNamespace
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked")
+
+        sys.meta_path.insert(0, Block())
+        import radixpert.bundle, radixpert.runtime.pipeline
+        from radixpert.evaluation.cli import main
+
+        class Reporter:
+            def __init__(self, bundle, **kwargs):
+                pass
+            def report(self, path):
+                return SimpleNamespace(report="Derrame pleural derecho.")
+            def close(self):
+                pass
+
+        radixpert.runtime.pipeline.Reporter = Reporter
+        radixpert.bundle.load_bundle = lambda path, verify=False: None
+        main(["bundle", "--bundle", "b", "--data", {str(phantom_table[0])!r}, "--split", "all", "--limit", "3",
+              "--out", {str(tmp_path / "eval")!r}])
+        assert "torch" not in sys.modules
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert (tmp_path / "eval" / "metrics.json").exists()
