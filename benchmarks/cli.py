@@ -122,6 +122,12 @@ def compare(bundle_dir: str, quant: str | None, rounds: int, device: str | None,
     """
     from radixpert.benchmarks.stages import combine, common_prefix
 
+    from radixpert.bundle import load_bundle
+    from radixpert.errors import ModelError
+
+    if load_bundle(bundle_dir).path_of("frontend-torch") is None:
+        raise ModelError(f"{bundle_dir} has no frontend.safetensors (the PyTorch frontend weights); re-export it with this "
+                         "radixpert version to compare against PyTorch")
     ctx = _prepare(bundle_dir, quant, "compare", None, common, default_warmup=1, default_repeats=5)
     processes: dict[str, list[dict[str, Any]]] = {"runtime": [], "eager": []}
     with _progress() as progress:

@@ -104,6 +104,25 @@ def test_too_many_tokens_is_a_usage_error(bundle, scan, tmp_path):
     assert result.exit_code == 2 and "does not fit" in result.output
 
 
+def test_compare_needs_the_pytorch_frontend_in_the_bundle(bundle, scan, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old-bundle"
+    shutil.copytree(bundle[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
+    manifest["files"] = [f for f in manifest["files"] if f["role"] != "frontend-torch"]
+    (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    result = CliRunner().invoke(main, ["compare", "--bundle", str(copy), "--scans", scan, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 4 and "re-export" in result.output
+
+
+def test_default_output_folder_names():
+    from radixpert.benchmarks.cli import _default_name
+
+    assert _default_name("run", "demo", "q4_k_m") == "run-demo-q4_k_m"
+    assert _default_name("synthetic", "synthetic-medgemma-4b-q8_0", "q8_0") == "synthetic-medgemma-4b-q8_0"
+
+
 def test_a_failing_child_is_a_one_line_error(tmp_path):
     from radixpert.benchmarks.worker import run_isolated
 
