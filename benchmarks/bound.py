@@ -202,8 +202,8 @@ def bound_report(gguf_path: str | Path, prompt_tokens: int, new_tokens: int, ach
     info = read_gguf(gguf_path)
     nbytes = bytes_per_token(info, mean_decode_positions(prompt_tokens, new_tokens))
     gpu = gpu_bandwidth or {}
-    if gpu_layers > 0 and "best_gb_s" in gpu:
-        bandwidth, where = float(gpu["best_gb_s"]), f"GPU {gpu.get('name')}, LLM offloaded"
+    if gpu_layers > 0 and "median_gb_s" in gpu:
+        bandwidth, where = float(gpu["median_gb_s"]), f"GPU {gpu.get('name')}, LLM offloaded"
     else:
         bandwidth, where = at_threads(cpu_bandwidth, threads), f"CPU, {threads} threads"
     bound = decode_bound(bandwidth, nbytes["total"])

@@ -120,10 +120,12 @@ def _bound_lines(bound: dict[str, Any] | None) -> list[str]:
         f"KV {b['kv'] / 1e6:,.1f} MB at {b['positions']:.0f} positions): **{100 * bound['share']:.0f}%** of the bound.",
     ]
     if bound.get("cpu_bandwidth"):
-        cells = ", ".join(f"{r['threads']}: {r['best_gb_s']:.1f}" for r in bound["cpu_bandwidth"])
-        lines.append(f"CPU read bandwidth (GB/s, best of passes) by threads: {cells}.")
+        cells = ", ".join(f"{r['threads']}: {r['median_gb_s']:.1f} ({r['best_gb_s']:.1f})" for r in bound["cpu_bandwidth"])
+        lines.append(f"CPU read bandwidth by threads, GB/s, median (best) of 10 passes over "
+                     f"{bound['cpu_bandwidth'][0]['bytes'] / 2**30:.2g} GiB: {cells}.")
     gpu = bound.get("gpu_bandwidth") or {}
-    lines.append(f"GPU read bandwidth: {gpu['best_gb_s']:.0f} GB/s ({gpu['name']})." if "best_gb_s" in gpu
+    lines.append(f"GPU read bandwidth: {gpu['median_gb_s']:.0f} GB/s median ({gpu['best_gb_s']:.0f} best; {gpu['name']})."
+                 if "median_gb_s" in gpu
                  else f"GPU: {gpu.get('skipped', 'not measured')}.")
     return lines
 
