@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError
+from radixpert.errors import EXIT_INTERNAL, ModelError, RadixpertError, UsageError
 
 SCAN_SIZE = 2048  # default phantoms: the size of a typical digital chest radiograph
 
@@ -50,10 +50,13 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--scans", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="DICOM/PNG scans to report on, cycled (repeat the option) [default: two 2048² phantom DICOMs, "
                           "made once under $RADIXPERT_CACHE/bench-scans]."),
+        click.option("--rounds", type=click.IntRange(1, 100), default=2, show_default=True,
+                     help="Fresh processes per engine, pooled (compare: runtime and eager alternate, ABBA). On a "
+                          "shared machine one process's speed varies more than its reports do."),
         click.option("--warmup", type=click.IntRange(0, 1000), default=None, help="Untimed reports first in each process (its first "
-                     "report is the cold start) [default: 2; compare: 1]."),
-        click.option("--repeats", type=click.IntRange(1, 10000), default=None, help="Timed reports: medians and p95 over these "
-                     "[default: 10; compare: 5 per process]."),
+                     "report is the cold start) [default: 1]."),
+        click.option("--repeats", type=click.IntRange(1, 10000), default=None, help="Timed reports per process: medians and p95 over "
+                     "all of them [default: 5; synthetic: 3]."),
         click.option("--tokens", type=click.IntRange(2, 4096), default=64, show_default=True,
                      help="New tokens per report, EOS ignored, so that every run decodes the same work."),
         click.option("--threads", type=click.IntRange(1, 256), default=None,
@@ -97,7 +100,8 @@ def run(bundle_dir: str, quant: str | None, **common: Any) -> None:
     """Time every stage of the exported runtime (ONNX Runtime + llama.cpp) on this machine.
 
     Read, preprocess, frontend, prefix, visual prefill, first token, decode tokens/s and end to
-    end: medians and p95 over --repeats reports after --warmup, in a fresh torch-free process.
+    end: medians and p95 over --repeats reports after --warmup, in each of --rounds fresh
+    torch-free processes.
     Also: cold start (process start to first token) and decode against the bandwidth bound.
     """
     _bench_runtime(bundle_dir, quant, "run", None, **common)
@@ -107,12 +111,10 @@ def run(bundle_dir: str, quant: str | None, **common: Any) -> None:
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export "
               "(with hf/ and frontend.safetensors for the eager side).")
 @click.option("--quant", default=None, help="Which LLM file of the bundle the runtime uses [default: the bundle's default].")
-@click.option("--rounds", type=click.IntRange(1, 100), default=2, show_default=True,
-              help="Process pairs: runtime and eager alternate (ABBA order), each in a fresh process.")
 @click.option("--device", default=None, help="Device of the eager side, cpu or cuda [default: cuda if torch sees one].")
 @_options
 @_guard
-def compare(bundle_dir: str, quant: str | None, rounds: int, device: str | None, **common: Any) -> None:
+def compare(bundle_dir: str, quant: str | None, device: str | None, **common: Any) -> None:
     """The runtime against the PyTorch eager reference: same weights, scans and token count.
 
     The eager side is the bundle's merged HF model in fp32 (HF generate with inputs_embeds) and its
@@ -121,14 +123,13 @@ def compare(bundle_dir: str, quant: str | None, rounds: int, device: str | None,
     cold start of each (process start to first token).
     """
     from radixpert.benchmarks.stages import combine, common_prefix
-
     from radixpert.bundle import load_bundle
-    from radixpert.errors import ModelError
 
     if load_bundle(bundle_dir).path_of("frontend-torch") is None:
         raise ModelError(f"{bundle_dir} has no frontend.safetensors (the PyTorch frontend weights); re-export it with this "
                          "radixpert version to compare against PyTorch")
-    ctx = _prepare(bundle_dir, quant, "compare", None, common, default_warmup=1, default_repeats=5)
+    ctx = _prepare(bundle_dir, quant, "compare", None, common, default_repeats=5)
+    rounds = common["rounds"]
     processes: dict[str, list[dict[str, Any]]] = {"runtime": [], "eager": []}
     with _progress() as progress:
         for r in range(rounds):
@@ -136,7 +137,7 @@ def compare(bundle_dir: str, quant: str | None, rounds: int, device: str | None,
                 spec = {**ctx["spec"], "engine": engine, "device": device}
                 processes[engine].append(_spawn(progress, spec, f"{engine} (round {r + 1}/{rounds})"))
     result = _base_result(ctx, "compare")
-    result.update(runtime=combine(processes["runtime"]), eager=combine(processes["eager"]), params={**ctx["params"], "rounds": rounds})
+    result.update(runtime=combine(processes["runtime"]), eager=combine(processes["eager"]), params=ctx["params"])
     rt, eg = result["runtime"]["summary"], result["eager"]["summary"]
     ratios = {k: eg[k]["median"] / rt[k]["median"] for k in ("read_ms", "preprocess_ms", "frontend_ms", "prefill_ms",
                                                                "ttft_ms", "decode_ms", "total_ms")}
@@ -172,7 +173,8 @@ def synthetic(llm: str, quant: str, **common: Any) -> None:
             return _step(progress, what)
 
         bundle_dir = synthetic_bundle(llm, quant, common["tokens"], threads=common["threads"], step=step)
-    _bench_runtime(str(bundle_dir), quant, "synthetic", f"synthetic {llm} {quant} (random weights)", **common)
+    _bench_runtime(str(bundle_dir), quant, "synthetic", f"synthetic {llm} {quant} (random weights)", default_repeats=3,
+                   **common)
 
 
 @main.command()
@@ -269,7 +271,7 @@ def _default_name(command: str, bundle_name: str, quant: str) -> str:
 
 
 def _prepare(bundle_dir: str, quant: str | None, command: str, title: str | None, common: dict[str, Any],
-             default_warmup: int, default_repeats: int) -> dict[str, Any]:
+             default_repeats: int) -> dict[str, Any]:
     """Check the bundle and options, pick scans and threads, measure bandwidth (before any child runs)."""
     from radixpert.benchmarks.bandwidth import cpu_read_bandwidth, gpu_read_bandwidth_isolated
     from radixpert.benchmarks.stages import check_tokens
@@ -283,7 +285,7 @@ def _prepare(bundle_dir: str, quant: str | None, command: str, title: str | None
     threads = common["threads"] or max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                               else os.cpu_count() or 1, 8))
     scans = [str(Path(s).resolve()) for s in common["scans"]] or default_scans()
-    warmup = default_warmup if common["warmup"] is None else common["warmup"]
+    warmup = 1 if common["warmup"] is None else common["warmup"]
     repeats = common["repeats"] or default_repeats
     name = title or f"{bundle.config.name} {quant} ({Path(bundle_dir).name})"
     out = Path(common["out_dir"] or Path("bench-results") / _default_name(command, Path(bundle_dir).name, quant))
@@ -300,7 +302,7 @@ def _prepare(bundle_dir: str, quant: str | None, command: str, title: str | None
     spec = {"bundle": str(Path(bundle_dir).resolve()), "scans": scans, "warmup": warmup, "repeats": repeats,
             "tokens": common["tokens"], "threads": threads, "quant": quant, "providers": providers,
             "gpu_layers": common["gpu_layers"]}
-    params = {k: spec[k] for k in ("scans", "warmup", "repeats", "tokens", "threads", "quant")}
+    params = {**{k: spec[k] for k in ("scans", "warmup", "repeats", "tokens", "threads", "quant")}, "rounds": common["rounds"]}
     return {"bundle": bundle, "quant": quant, "spec": spec, "params": params, "title": name, "out": out,
             "machine": machine, "cpu_bandwidth": cpu_bw, "gpu_bandwidth": gpu_bw}
 
@@ -313,14 +315,17 @@ def _base_result(ctx: dict[str, Any], command: str) -> dict[str, Any]:
             "bundle_id": bundle.bundle_id, "synthetic": bool(bundle.manifest.get("synthetic")), "machine": ctx["machine"]}
 
 
-def _bench_runtime(bundle_dir: str, quant: str | None, command: str, title: str | None, **common: Any) -> None:
+def _bench_runtime(bundle_dir: str, quant: str | None, command: str, title: str | None, default_repeats: int = 5,
+                   **common: Any) -> None:
     from radixpert.benchmarks.stages import combine
 
-    ctx = _prepare(bundle_dir, quant, command, title, common, default_warmup=2, default_repeats=10)
+    ctx = _prepare(bundle_dir, quant, command, title, common, default_repeats=default_repeats)
+    rounds = common["rounds"]
     with _progress() as progress:
-        process = _spawn(progress, {**ctx["spec"], "engine": "runtime"}, "runtime")
+        processes = [_spawn(progress, {**ctx["spec"], "engine": "runtime"}, f"runtime (process {r + 1}/{rounds})")
+                     for r in range(rounds)]
     result = _base_result(ctx, command)
-    result.update(runtime=combine([process]), params=ctx["params"])
+    result.update(runtime=combine(processes), params=ctx["params"])
     _finish(ctx, result, {"runtime": result["runtime"]["summary"]})
 
 

@@ -162,8 +162,8 @@ def markdown_run(result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}`",
         "",
-        f"{p['tokens']} new tokens per report (EOS ignored), {p['warmup']} warm-up + {p['repeats']} timed reports over "
-        f"{len(p['scans'])} scan(s); prefix cached after the first report.",
+        f"{p['tokens']} new tokens per report (EOS ignored); {p['rounds']} fresh process(es), each {p['warmup']} warm-up + "
+        f"{p['repeats']} timed reports over {len(p['scans'])} scan(s); prefix cached after a process's first report.",
         "",
         *_table(rows, ["stage", "ms: median (p95; min–max)"]),
         *_bound_lines(result.get("bound")),

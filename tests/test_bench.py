@@ -47,11 +47,13 @@ def test_run_times_every_stage_and_writes_json_markdown_png(bundle, scan, tmp_pa
     out = _invoke(["run", "--bundle", str(bundle_dir), "--scans", scan, "--quant", "q8_0", "--out", str(tmp_path), *FAST])
     data, markdown = out["data"], out["markdown"]
     summary = data["runtime"]["summary"]
+    # Two processes (the default --rounds) x 2 timed reports, pooled.
     for stage in (*RUNTIME_STAGES, "prefill_ms", "ttft_ms", "total_ms", "decode_tokens_per_s"):
-        assert summary[stage]["n"] == 2 and summary[stage]["min"] <= summary[stage]["median"] <= summary[stage]["max"]
-    assert summary["new_tokens"]["median"] == 6 and len(data["runtime"]["samples"]) == 2
+        assert summary[stage]["n"] == 4 and summary[stage]["min"] <= summary[stage]["median"] <= summary[stage]["max"]
+    assert summary["new_tokens"]["median"] == 6 and len(data["runtime"]["samples"]) == 4
     assert summary["prefix_cached"]["min"] == 1.0  # the warm-up filled the prefix cache
-    assert data["runtime"]["cold"]["n"] == 1 and data["runtime"]["cold"]["median"] > 0
+    assert data["runtime"]["cold"]["n"] == 2 and data["runtime"]["cold"]["median"] > 0
+    assert len({p["pid"] for p in data["runtime"]["processes"]}) == 2 and data["params"]["rounds"] == 2
     assert data["runtime"]["engine"]["providers"] == ["CPUExecutionProvider"]
     b = data["bound"]
     assert b["gguf"] == "llm-q8_0.gguf" and b["bound_tok_s"] > 0 and b["share"] > 0
