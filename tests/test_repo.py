@@ -23,6 +23,14 @@ def test_ci_runs_exactly_the_readme_test_commands():
     assert [line for line in marked.splitlines() if line.strip()] == _readme_block("Install for development and run the tests")
 
 
+def test_quick_start_is_two_commands_and_the_second_is_ci():
+    install_and_report, install_and_test = _readme_block("Quick start")
+    assert "radixpert-run examples/" in install_and_report and install_and_report.startswith("python3 -m venv")
+    assert [install_and_test] == _readme_block("Install for development and run the tests")
+    example = install_and_report.split("radixpert-run ", 1)[1].split()[0]
+    assert (ROOT / example).is_file()
+
+
 def test_no_pickle_files_are_tracked():
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     assert not [f for f in files if f.endswith((".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt"))]

@@ -154,3 +154,43 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict[str, Any]
     scheduler.load_state_dict(state["scheduler"])
     restore_rng({k: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
     return state
+
+
+EXPERT_FILES = {"encoder_path": "encoder.safetensors", "segmenter_path": "segmenter.safetensors"}
+
+
+def pack_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+    """Copy what inference needs from a checkpoint into a self-contained folder.
+
+    The folder holds the config, fusion and LoRA adapter plus the frozen experts the config
+    points to, which are copied in and referred to by relative paths; optimizer state and the
+    split stay behind. ``checksums.json`` covers every file, so ``radixpert-export`` can take
+    the folder from anywhere and refuse a damaged copy.
+    """
+    from radixpert.config import RadixpertConfig
+
+    verify_checksums(checkpoint)
+    config = RadixpertConfig.load(checkpoint / "config.json")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copyfile(checkpoint / FUSION_FILE, tmp / FUSION_FILE)
+    if config.use_lora:
+        (tmp / ADAPTER_DIR).mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(checkpoint / ADAPTER_DIR / name, tmp / ADAPTER_DIR / name)
+    moved: dict[str, str] = {}
+    for key, name in EXPERT_FILES.items():
+        source = getattr(config, key)
+        if source:
+            path = Path(source) if Path(source).is_absolute() else checkpoint / source
+            path = path if path.exists() else Path(source)
+            if not path.is_file():
+                raise ModelError(f"{key} {source} of {checkpoint} not found; run from the training folder or fix the path")
+            shutil.copyfile(path, tmp / name)
+            moved[key] = name
+    config.replace(**moved).save(tmp / "config.json")
+    write_checksums(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

