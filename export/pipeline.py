@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from radixpert.bundle import FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table
+from radixpert.bundle import FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table, sha256_of
 from radixpert.errors import ModelError, ParityError, RadixpertError, UsageError
 from radixpert.export import parity
 from radixpert.export.gguf import QUANTS, quantize_gguf, write_gguf
@@ -247,7 +247,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
             "format_version": FORMAT_VERSION,
             "bundle_id": "",
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"checkpoint": checkpoint.name, "run": Path(run_dir).name, "checksums_verified": verified},
+            "source": {"checkpoint": checkpoint.name, "run": Path(run_dir).name, "checksums_verified": verified,
+                       "checksums_sha256": sha256_of(checkpoint / "checksums.json") if verified else None},
             "config": config.to_dict(),
             "prompt": model.template.to_manifest(),
             "tokens": token_ids,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError
@@ -288,7 +289,13 @@ class RadixpertModel(nn.Module):
         """Mean cross-entropy over the report tokens only."""
         visual_tokens, _ = self.frontend(image)
         embeds, mask, labels = self.build_inputs(visual_tokens, self.encode_reports(reports))
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        # Logits only where a report token is predicted: the 262k-row output head over the 196
+        # visual positions would cost more than the rest of the network and predicts nothing.
+        first = int((labels != IGNORE_INDEX).any(dim=0).nonzero()[0])
+        keep = torch.arange(first - 1, labels.shape[1] - 1, device=labels.device)
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+        targets = labels[:, first:]
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
     @torch.no_grad()
     def generate(self, image: torch.Tensor, max_new_tokens: int | None = None, ignore_stop: bool = False) -> list[list[int]]:

@@ -112,6 +112,8 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
     if not bundle_dir and not (root / "manifest.json").exists():
         build_default_bundle(root, err)
     bundle = load_bundle(root, verify=verify)
+    if not bundle_dir:
+        warn_if_stale_demo(bundle, root, err)
     reporter = Reporter(bundle, providers=parse_providers(providers) if providers else None, threads=threads,
                         quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens)
     out = Path(out_dir) if out_dir else None
@@ -184,6 +186,19 @@ def format_timings(name: str, t: dict[str, Any]) -> str:
             f"{t['frontend_ms']:.1f} ms | prefix {t['prefix_ms']:.1f} ms ({prefix}) | visual prefill "
             f"{t['visual_prefill_ms']:.1f} ms | first token {t['first_token_ms']:.1f} ms | decode "
             f"{t['new_tokens']} tok at {t['decode_tokens_per_s']:.1f} tok/s | total {t['total_ms']:.0f} ms")
+
+
+def warn_if_stale_demo(bundle, root: Path, err) -> None:
+    """The cached demo bundle outlives upgrades: say when it was built from other demo weights."""
+    from radixpert.bundle import sha256_of
+    from radixpert.paths import DEMO_CHECKPOINT, demo_bundle_dir
+
+    shipped = DEMO_CHECKPOINT / "checksums.json"
+    if root != demo_bundle_dir() or not shipped.exists():
+        return
+    if bundle.manifest.get("source", {}).get("checksums_sha256") != sha256_of(shipped):
+        err.print(f"[yellow]warning:[/yellow] the demo bundle in {root} was built from other demo weights than this "
+                  "installation ships; rebuild it with radixpert-export --demo --force")
 
 
 # What building the demo bundle imports; the runtime itself needs none of it.

@@ -19,7 +19,7 @@ radixpert-train segmenter --data data/phantoms.csv --split runs/split/split.json
 radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc \
     --preset demo --steps 3000 --seed 0
 radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
-    --preset demo --steps STEPS --batch-size 4 --lr 1e-3 --warmup-steps 20 --seed 0 \
-    --eval-every 100 --save-every 100 \
+    --preset demo --steps 600 --batch-size 4 --lr 1e-3 --warmup-steps 30 --seed 0 \
+    --eval-every 200 --save-every 80 \
     --set encoder_path=runs/enc/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
 radixpert-train pack runs/demo --out "$HERE/radixpert/demo"
