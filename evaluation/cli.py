@@ -11,6 +11,8 @@ import click
 
 from radixpert.errors import EXIT_INTERNAL, InputError, RadixpertError, UsageError
 
+METRIC_LIBRARIES = ("sacrebleu", "rouge_score", "nltk")  # the eval extra
+
 HELP = """Score Spanish chest X-ray reports against references.
 
 \b
@@ -61,6 +63,7 @@ def _finish(metrics: dict, rows: list[dict], out: Path, title: str) -> None:
 @_uncertain_option
 def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
     """Score predictions against references, matched by file stem (input vs ImageID or DicomPath)."""
+    require_metric_libraries()
     from radixpert.evaluation.scoring import (
         evaluate,
         pair_up,
@@ -96,6 +99,7 @@ def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
 def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
            out_dir, uncertain) -> None:
     """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
+    require_metric_libraries()  # before the reports, not after them
     from radixpert.evaluation.scoring import Pair, evaluate
     from radixpert.runtime.pipeline import Reporter
     from radixpert.train.data import load_split, read_table, select
@@ -161,6 +165,7 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
 def ablation(csv_path, out_dir, preset, steps, batch_size, lr, warmup_steps, seed, split_file, segmenter_steps, encoder_steps,
              encoder_path, segmenter_path, llm_pretrain_steps, test_limit, max_new_tokens) -> None:
     """Train base (projector only), +LoRA and +anatomy (full) alike; score them on the same test studies."""
+    require_metric_libraries()
     from radixpert.evaluation.ablation import AblationSettings, run_ablation
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -203,6 +208,15 @@ def label(texts) -> None:
         found = {name: asdict(f) for name, f in label_report(text).items()}
         click.echo(json.dumps({"text": text, "findings": found, "Labels": labels, "Localizations": locations},
                               ensure_ascii=False))
+
+
+def require_metric_libraries() -> None:
+    """Scoring needs the eval extra; say so before any work is done."""
+    import importlib.util
+
+    missing = [name for name in METRIC_LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"scoring needs {', '.join(missing)}: pip install 'radixpert-edge[eval]'")
 
 
 def main(argv: list[str] | None = None) -> None:

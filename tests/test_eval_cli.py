@@ -238,3 +238,15 @@ def test_bundle_subcommand_runs_without_torch(tmp_path, phantom_table):
     """)
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_scoring_without_the_eval_extra_says_what_to_install(monkeypatch, tmp_path, capsys):
+    from radixpert.evaluation import cli
+
+    (tmp_path / "p.jsonl").write_text("")
+    (tmp_path / "r.csv").write_text("ImageID,Report\n")
+    monkeypatch.setattr(cli, "METRIC_LIBRARIES", ("radixpert_no_such_metric",))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", "--pred", str(tmp_path / "p.jsonl"), "--ref", str(tmp_path / "r.csv")])
+    assert exit_info.value.code == 2
+    assert "radixpert-edge[eval]" in capsys.readouterr().err
