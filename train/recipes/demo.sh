@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the demo weights shipped in radixpert/demo/: phantom data from seeds, the two frozen
 # stand-in experts, then the fusion and LoRA on the real Gemma 3 270M. CPU is enough
-# (about 1.5 hours on 2 cores); a GPU is used when torch sees one.
+# (about 1 hour 45 minutes on 2 cores); a GPU is used when torch sees one.
 #
 #   bash train/recipes/demo.sh [WORKDIR]        # default WORKDIR: demo-work
 #
