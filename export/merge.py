@@ -9,20 +9,7 @@ import torch
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError, RadixpertError
 from radixpert.model import RadixpertModel, build_model
-from radixpert.train.checkpoint import FUSION_FILE, latest_checkpoint, load_trained_weights, verify_checksums
-
-
-def resolve_checkpoint(run_dir: str | Path) -> Path:
-    """A checkpoint folder itself, or the latest ``checkpoints/step-*`` of a run folder."""
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise ModelError(f"run folder {folder} not found; pass the --out folder of radixpert-train or one of its checkpoints")
-    if (folder / FUSION_FILE).exists():
-        return folder
-    checkpoint = latest_checkpoint(folder)
-    if checkpoint is None:
-        raise ModelError(f"{folder} holds no checkpoint (no checkpoints/step-*/{FUSION_FILE}); train first")
-    return checkpoint
+from radixpert.train.checkpoint import load_trained_weights, resolve_checkpoint, verify_checksums
 
 
 def load_run(run_dir: str | Path) -> tuple[RadixpertModel, Path, bool]:

@@ -128,6 +128,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
+def resolve_checkpoint(run_dir: str | Path) -> Path:
+    """A checkpoint folder itself, or the latest ``checkpoints/step-*`` of a run folder."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise ModelError(f"run folder {folder} not found; pass the --out folder of radixpert-train or one of its checkpoints")
+    if (folder / FUSION_FILE).exists():
+        return folder
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        raise ModelError(f"{folder} holds no checkpoint (no checkpoints/step-*/{FUSION_FILE}); train first")
+    return checkpoint
+
+
 def load_trained_weights(model, folder: Path) -> None:
     """Load the fusion and LoRA weights of a checkpoint into a freshly built model."""
     from peft import set_peft_model_state_dict
@@ -179,15 +192,14 @@ def pack_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
         (tmp / ADAPTER_DIR).mkdir()
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copyfile(checkpoint / ADAPTER_DIR / name, tmp / ADAPTER_DIR / name)
+    located = config.resolve_paths(checkpoint)
     moved: dict[str, str] = {}
     for key, name in EXPERT_FILES.items():
-        source = getattr(config, key)
+        source = getattr(located, key)
         if source:
-            path = Path(source) if Path(source).is_absolute() else checkpoint / source
-            path = path if path.exists() else Path(source)
-            if not path.is_file():
+            if not Path(source).is_file():
                 raise ModelError(f"{key} {source} of {checkpoint} not found; run from the training folder or fix the path")
-            shutil.copyfile(path, tmp / name)
+            shutil.copyfile(source, tmp / name)
             moved[key] = name
     config.replace(**moved).save(tmp / "config.json")
     write_checksums(tmp)

@@ -236,13 +236,9 @@ def pack(run_dir, out_dir):
     encoder and segmenter it was trained with, all with sha256 checksums. Optimizer state stays behind.
     Run it from the folder training ran in, so relative expert paths resolve.
     """
-    from radixpert.errors import ModelError
-    from radixpert.train.checkpoint import FUSION_FILE, latest_checkpoint, pack_checkpoint
+    from radixpert.train.checkpoint import pack_checkpoint, resolve_checkpoint
 
-    folder = Path(run_dir)
-    checkpoint = folder if (folder / FUSION_FILE).exists() else latest_checkpoint(folder)
-    if checkpoint is None:
-        raise ModelError(f"{folder} holds no checkpoint (no checkpoints/step-*/{FUSION_FILE}); train first")
+    checkpoint = resolve_checkpoint(run_dir)
     out = pack_checkpoint(checkpoint, Path(out_dir))
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     click.echo(f"packed {checkpoint} into {out} ({total / 2**20:.1f} MiB)", err=True)
