@@ -51,6 +51,8 @@ def test_pack_makes_a_checkpoint_that_loads_from_anywhere(run_dir, tmp_path, mon
     config = json.loads((packed / "config.json").read_text())
     assert (config["encoder_path"], config["segmenter_path"]) == ("encoder.safetensors", "segmenter.safetensors")
     assert verify_checksums(packed)
+    adapter = json.loads((packed / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == config["llm"]  # not the training machine's path
 
     moved = tmp_path / "elsewhere" / "demo"
     shutil.copytree(packed, moved)
@@ -85,6 +87,8 @@ def test_shipped_demo_weights_are_complete_verified_and_small():
     assert config.name == "demo" and config.llm == "gemma3_270m_package"
     for path in (config.encoder_path, config.segmenter_path):
         assert path and not Path(path).is_absolute() and (DEMO_CHECKPOINT / path).is_file()
+    adapter = json.loads((DEMO_CHECKPOINT / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == config.llm
     total = sum(f.stat().st_size for f in DEMO_CHECKPOINT.rglob("*") if f.is_file())
     assert total < 40 * 2**20
 
