@@ -139,9 +139,9 @@ def demo_bundle(tmp_path_factory) -> Path:
 
 
 EXPECTED = json.loads((EXAMPLES / "findings.json").read_text(encoding="utf-8"))
-# The shipped demo (600 report steps on CPU) puts this example's right effusion on the left and
-# misses its consolidation: a known fault of the weights, kept visible here until they are retrained.
-KNOWN_WRONG = {"effusion-consolidation-right_mono1.dcm": "demo weights: right effusion reported on the left"}
+# Examples the shipped weights get wrong, with the reason: a strict xfail keeps a known fault visible
+# and turns red once retrained weights fix it. The current weights get all four right.
+KNOWN_WRONG: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

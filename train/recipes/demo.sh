@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the demo weights shipped in radixpert/demo/: phantom data from seeds, the two frozen
 # stand-in experts, then the fusion and LoRA on the real Gemma 3 270M. CPU is enough
-# (about 1 hour 45 minutes on 2 cores); a GPU is used when torch sees one.
+# (about 3 hours 20 minutes on 2 cores); a GPU is used when torch sees one.
 #
 #   bash train/recipes/demo.sh [WORKDIR]        # default WORKDIR: demo-work
 #
@@ -21,5 +21,11 @@ radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json -
 radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
     --preset demo --steps 600 --batch-size 4 --lr 1e-3 --warmup-steps 30 --seed 0 \
     --eval-every 200 --save-every 80 \
+    --set encoder_path=runs/enc/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
+# Validation loss was still falling at step 600, so the same run continues to step 1400: --resume
+# reloads step 600 (weights, optimizer, RNG) and the cosine schedule restarts for the new total.
+radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
+    --preset demo --steps 1400 --batch-size 4 --lr 1e-3 --warmup-steps 30 --seed 0 \
+    --eval-every 200 --save-every 80 --resume \
     --set encoder_path=runs/enc/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
 radixpert-train pack runs/demo --out "$HERE/radixpert/demo"
