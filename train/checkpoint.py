@@ -190,11 +190,13 @@ def pack_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     shutil.copyfile(checkpoint / FUSION_FILE, tmp / FUSION_FILE)
     if config.use_lora:
         (tmp / ADAPTER_DIR).mkdir()
-        shutil.copyfile(checkpoint / ADAPTER_DIR / "adapter_model.safetensors", tmp / ADAPTER_DIR / "adapter_model.safetensors")
+        adapter_in, adapter_out = checkpoint / ADAPTER_DIR, tmp / ADAPTER_DIR
+        shutil.copyfile(adapter_in / "adapter_model.safetensors", adapter_out / "adapter_model.safetensors")
         # peft records the training machine's local base-model path; a shared folder names the model instead.
-        adapter_config = json.loads((checkpoint / ADAPTER_DIR / "adapter_config.json").read_text(encoding="utf-8"))
+        adapter_config = json.loads((adapter_in / "adapter_config.json").read_text(encoding="utf-8"))
         adapter_config["base_model_name_or_path"] = config.llm
-        (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (adapter_out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n",
+                                                         encoding="utf-8")
     located = config.resolve_paths(checkpoint)
     moved: dict[str, str] = {}
     for key, name in EXPERT_FILES.items():
