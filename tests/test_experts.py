@@ -17,11 +17,15 @@ from radixpert.train.experts import ExpertSettings, evaluate_segmenter, train_en
 
 
 @pytest.fixture(scope="module")
-def phantom_splits(tmp_path_factory):
+def phantom_csv(tmp_path_factory):
     from radixpert.phantom import write_dataset
 
-    csv_path = write_dataset(tmp_path_factory.mktemp("phantoms"), n=24, seed=5, size=256, workers=1, progress=False)
-    studies = read_table(csv_path)
+    return write_dataset(tmp_path_factory.mktemp("phantoms"), n=24, seed=5, size=256, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def phantom_splits(phantom_csv):
+    studies = read_table(phantom_csv)
     split = patient_split(studies, seed=0)
     return select(studies, split["train"]), select(studies, split["val"])
 
@@ -79,10 +83,12 @@ def test_segmenter_is_deterministic_by_seed(phantom_splits, tiny_config, tmp_pat
     assert weights[0] == weights[1]
 
 
-def test_encoder_loss_falls_and_weights_load(phantom_splits, tiny_config, tmp_path):
+@pytest.mark.parametrize("pool", ["mean-max", "mean"])
+def test_encoder_loss_falls_and_weights_load(phantom_splits, tiny_config, tmp_path, pool):
+    """Whatever the temporary head pools, the saved encoder is the same network, loaded strictly."""
     train, val = phantom_splits
     rows: list[dict] = []
-    settings = ExpertSettings(steps=30, batch_size=8, lr=3e-3, seed=0, augment=False, eval_every=0)
+    settings = ExpertSettings(steps=30, batch_size=8, lr=3e-3, seed=0, augment=False, eval_every=0, pool=pool)
     metrics = train_encoder(tiny_config, train, val, settings, tmp_path, progress=rows.append)
     losses = [r["loss"] for r in rows]
     assert len(losses) == 30
@@ -91,7 +97,15 @@ def test_encoder_loss_falls_and_weights_load(phantom_splits, tiny_config, tmp_pa
     load_safetensors_into(encoder, tmp_path / "encoder.safetensors", "encoder")  # strict: no head, no prefix
     assert set(metrics["auroc"]) == {"cardiomegaly", "pleural effusion", "pneumothorax", "nodule", "consolidation"}
     assert metrics["macro_auroc"] is None or 0.0 <= metrics["macro_auroc"] <= 1.0
-    assert (tmp_path / "encoder_metrics.json").exists()
+    assert json.loads((tmp_path / "encoder_metrics.json").read_text())["settings"]["pool"] == pool
+
+
+def test_encoder_refuses_unknown_pooling(phantom_splits, tiny_config, tmp_path):
+    train, val = phantom_splits
+    with pytest.raises(InputError) as info:
+        train_encoder(tiny_config, train, val, ExpertSettings(steps=1, pool="median"), tmp_path)
+    assert "\n" not in str(info.value) and "mean-max" in str(info.value)
+    assert not (tmp_path / "encoder.safetensors").exists()
 
 
 def test_segmenter_refuses_studies_without_masks(phantom_splits, tiny_config, tmp_path):
@@ -117,3 +131,16 @@ def test_refuses_non_positive_steps(phantom_splits, tiny_config, tmp_path):
     train, val = phantom_splits
     with pytest.raises(UsageError):
         train_segmenter(tiny_config, train, val, ExpertSettings(steps=0), tmp_path)
+
+
+def test_cli_pool_is_an_encoder_option(phantom_csv, tmp_path):
+    from click.testing import CliRunner
+
+    from radixpert.train.cli import cli
+
+    common = ["--data", str(phantom_csv), "--preset", "tiny", "--steps", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(cli, ["encoder", *common, "--out", str(tmp_path / "enc"), "--pool", "mean"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "enc" / "encoder_metrics.json").read_text())["settings"]["pool"] == "mean"
+    refused = CliRunner().invoke(cli, ["segmenter", *common, "--out", str(tmp_path / "seg"), "--pool", "mean"])
+    assert refused.exit_code == 2 and "--pool" in refused.output

@@ -196,7 +196,7 @@ def _expert_command(kind: str):
     @click.option("--lr", type=float, default=EXPERT_DEFAULTS[kind][2], show_default=True, help="Learning rate (AdamW).")
     @click.option("--no-augment", is_flag=True, help="Disable augmentation (small affine + contrast; never flips).")
     def command(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed,
-                preset, config_path, overrides, out_dir, steps, batch_size, lr, no_augment):
+                preset, config_path, overrides, out_dir, steps, batch_size, lr, no_augment, pool="mean-max"):
         from rich.progress import BarColumn, Progress, TextColumn
 
         from radixpert.train import experts
@@ -204,7 +204,8 @@ def _expert_command(kind: str):
         config = resolve_config(preset, config_path, overrides)
         parts, _, _ = load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label,
                                   split_path, seed, out_dir)
-        settings = experts.ExpertSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed, augment=not no_augment)
+        settings = experts.ExpertSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                          augment=not no_augment, pool=pool)
         run = experts.train_segmenter if kind == "segmenter" else experts.train_encoder
         with Progress(TextColumn(f"[bold]{kind}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[status]}")) as bar:
@@ -219,6 +220,11 @@ def _expert_command(kind: str):
         "encoder": "Pretrain the small vision encoder on phantom images (finding presence without side, so it "
                    "is never handed laterality); writes encoder.safetensors and held-out AUROC.",
     }[kind]
+    if kind == "encoder":
+        command = click.option(
+            "--pool", type=click.Choice(["mean-max", "mean"]), default="mean-max", show_default=True,
+            help="How the temporary presence head pools the grid. The max keeps small findings (a nodule "
+                 "fills one or two of the 14x14 cells) from being averaged away.")(command)
     return cli.command(name=kind)(command)
 
 

@@ -6,7 +6,10 @@ No pretrained chest X-ray weights reach this environment, so the small experts o
 * the segmenter (``UNet``, g_seg) learns the K anatomy masks with BCE + soft Dice;
 * the encoder (``TinyCNNEncoder``, f_vis) learns, through a temporary linear head on globally
   pooled features, which findings are present *without their side*, so laterality has to
-  come from the anatomy branch later (the point of the paper's fusion).
+  come from the anatomy branch later (the point of the paper's fusion). The head reads the
+  mean and the max over the grid: a nodule covers one or two of the 196 cells, and a mean alone
+  dilutes it. Demo preset, seed 0, held-out nodule AUROC: 0.70 with the mean (3000 steps);
+  with mean and max, 0.92 at step 3000 and 0.99 at step 5000 of a 5000-step run.
 
 Each run writes exactly the module's ``state_dict()`` as safetensors (what ``build_model``
 loads strictly from ``segmenter_path`` / ``encoder_path``) plus a metrics JSON measured on
@@ -60,6 +63,7 @@ class ExpertSettings:
     seed: int = 0
     augment: bool = True
     eval_every: int = 100  # also evaluated after the last step; <= 0: only then
+    pool: str = "mean-max"  # encoder head only: "mean-max" or "mean" (global average alone)
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -261,7 +265,7 @@ def train_segmenter(config: RadixpertConfig, train: list[Study], val: list[Study
         "load_seconds": round(load_seconds, 2),
         "train_studies": len(train),
         "val_studies": len(val),
-        "settings": asdict(settings),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "pool"},  # pool: encoder only
         "history": history,
     }
     _save_state(model, out_dir / SEGMENTER_FILE, "segmenter unet")
@@ -272,16 +276,24 @@ def train_segmenter(config: RadixpertConfig, train: list[Study], val: list[Study
 # --------------------------------------------------------------------------- encoder
 
 
-class _PresenceProbe(nn.Module):
-    """Encoder + temporary head: global average pool, then one linear layer per finding."""
+POOLS = ("mean-max", "mean")
 
-    def __init__(self, config: RadixpertConfig):
+
+class _PresenceProbe(nn.Module):
+    """Encoder + temporary head: global pooling (mean, or mean and max), then one linear layer per finding."""
+
+    def __init__(self, config: RadixpertConfig, pool: str = "mean-max"):
         super().__init__()
+        self.pool = pool
         self.encoder = TinyCNNEncoder(config)
-        self.head = nn.Linear(config.vision_dim, len(FINDINGS))
+        self.head = nn.Linear(config.vision_dim * (2 if pool == "mean-max" else 1), len(FINDINGS))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(image).mean(dim=(2, 3)))
+        features = self.encoder(image)
+        pooled = features.mean(dim=(2, 3))
+        if self.pool == "mean-max":
+            pooled = torch.cat([pooled, features.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled)
 
 
 def presence_targets(studies: list[Study]) -> np.ndarray:
@@ -329,6 +341,8 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     if config.encoder == "biovil":
         raise InputError("BioViL is pretrained; pass encoder_path instead of pretraining it here")
     _check_settings(settings)
+    if settings.pool not in POOLS:
+        raise InputError(f"unknown encoder head pooling {settings.pool!r}; use one of {', '.join(POOLS)}")
     _require(train, "train")
     _require(val, "val")
     out_dir = Path(out_dir)
@@ -341,7 +355,7 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     load_seconds = time.perf_counter() - loaded
 
     torch.manual_seed(settings.seed)
-    probe = _PresenceProbe(config)
+    probe = _PresenceProbe(config, settings.pool)
     probe.train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=settings.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings.steps))

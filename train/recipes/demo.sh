@@ -16,8 +16,9 @@ radixpert-phantom --n 2000 --seed 0 --size 512 --out data
 radixpert-train split --data data/phantoms.csv --out runs/split --seed 0
 radixpert-train segmenter --data data/phantoms.csv --split runs/split/split.json --out runs/seg \
     --preset demo --steps 600 --seed 0
+# --pool mean: the shipped encoder's presence head averaged the grid (the default, mean-max, sees nodules better).
 radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc \
-    --preset demo --steps 3000 --seed 0
+    --preset demo --steps 3000 --seed 0 --pool mean
 radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
     --preset demo --steps 600 --batch-size 4 --lr 1e-3 --warmup-steps 30 --seed 0 \
     --eval-every 200 --save-every 80 \
