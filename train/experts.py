@@ -282,7 +282,7 @@ POOLS = ("mean-max", "mean")
 class _PresenceProbe(nn.Module):
     """Encoder + temporary head: global pooling (mean, or mean and max), then one linear layer per finding."""
 
-    def __init__(self, config: RadixpertConfig, pool: str = "mean-max"):
+    def __init__(self, config: RadixpertConfig, pool: str):
         super().__init__()
         self.pool = pool
         self.encoder = TinyCNNEncoder(config)
