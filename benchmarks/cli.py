@@ -354,3 +354,7 @@ def _finish(ctx: dict[str, Any], result: dict[str, Any], bars: dict[str, Any]) -
     console = Console()
     console.print(Markdown(markdown))
     console.print(f"wrote {out / 'result.json'}, {out / 'result.md'}" + (f", {chart}" if chart else " (no matplotlib: no chart)"))
+
+
+if __name__ == "__main__":
+    main()

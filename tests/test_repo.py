@@ -42,3 +42,15 @@ def test_every_parity_threshold_is_documented():
 
     doc = (ROOT / "docs" / "export.md").read_text(encoding="utf-8")
     assert all(f"`{name}`" in doc for name in DEFAULT_THRESHOLDS)
+
+
+def test_every_command_also_runs_as_a_module():
+    """`python -m <module>` is how a locked-down workstation runs a tool when the scripts are not on PATH."""
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    for name, target in scripts.items():
+        module = target.split(":", 1)[0]
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("Usage:"), (name, done.stdout[:200], done.stderr[-300:])
