@@ -47,10 +47,11 @@ def test_every_parity_threshold_is_documented():
 def test_every_command_also_runs_as_a_module():
     """`python -m <module>` is how a locked-down workstation runs a tool when the scripts are not on PATH."""
     import sys
-    import tomllib
+    from importlib.metadata import distribution
 
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
-    for name, target in scripts.items():
-        module = target.split(":", 1)[0]
+    scripts = [e for e in distribution("radixpert-edge").entry_points if e.group == "console_scripts"]
+    assert scripts
+    for entry in scripts:
+        name, module = entry.name, entry.module
         done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("Usage:"), (name, done.stdout[:200], done.stderr[-300:])
