@@ -285,8 +285,14 @@ class RadixpertModel(nn.Module):
     def encode_reports(self, reports: list[str]) -> list[list[int]]:
         return [self._ids(self.template.target(r)) for r in reports]
 
-    def forward(self, image: torch.Tensor, reports: list[str]) -> torch.Tensor:
-        """Mean cross-entropy over the report tokens only."""
+    def forward(
+        self, image: torch.Tensor, reports: list[str], token_weights: list[list[float]] | None = None
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the report tokens only.
+
+        ``token_weights`` (one per report token, as ``encode_reports`` splits them) scales each
+        token's loss; the mean still divides by the token count, so weight 1 everywhere is the plain loss.
+        """
         visual_tokens, _ = self.frontend(image)
         embeds, mask, labels = self.build_inputs(visual_tokens, self.encode_reports(reports))
         # Logits only where a report token is predicted: the 262k-row output head over the 196
@@ -295,7 +301,13 @@ class RadixpertModel(nn.Module):
         keep = torch.arange(first - 1, labels.shape[1] - 1, device=labels.device)
         logits = self.llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
         targets = labels[:, first:]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        if token_weights is None:
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        weights = torch.zeros_like(losses)
+        # Report tokens in row-major order are exactly the concatenated per-report weights.
+        weights[targets != IGNORE_INDEX] = torch.tensor([w for row in token_weights for w in row], device=losses.device)
+        return (losses * weights).sum() / (targets != IGNORE_INDEX).sum()
 
     @torch.no_grad()
     def generate(self, image: torch.Tensor, max_new_tokens: int | None = None, ignore_stop: bool = False) -> list[list[int]]:

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from radixpert.config import get_config
 from radixpert.model import Frontend
 from radixpert.train.cli import cli
-from radixpert.train.data import patient_split, read_table, select
-from radixpert.train.report import TrainSettings, train_report
+from radixpert.train.data import ImageCache, patient_split, read_table, select
+from radixpert.train.report import TrainSettings, side_token_weights, train_report
 
 SETTINGS = dict(steps=100, batch_size=4, lr=2e-2, warmup_steps=5, eval_every=50, save_every=50, num_samples=1)
 
@@ -87,6 +87,51 @@ def test_interrupted_then_resumed_run_repeats_the_same_losses(full_run, splits, 
     assert [r["step"] for r in resumed] == list(range(51, 101))
     logged = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == [r["loss"] for r in rows]
+
+
+def test_side_weight_marks_where_each_side_word_starts():
+    from radixpert.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()  # splits side words into pieces, unlike Gemma's vocabulary
+    text = "Derrames pleurales bilaterales. Neumotórax izquierdo. Nódulo en la base derecha. Sin derrame."
+    weights = side_token_weights(tokenizer, [text], 5.0)[0]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert len(weights) == len(encoded["input_ids"])
+    marked = [text[a:b].strip() for (a, b), w in zip(encoded["offset_mapping"], weights) if w == 5.0]
+    assert len(marked) == 3
+    assert [m[:2].lower() for m in marked] == ["bi", "iz", "de"]  # not "Derrames" nor "derrame"
+
+
+def test_side_weight_adds_loss_on_side_words_only(full_run, splits):
+    config, model, _, _ = full_run
+    image = torch.from_numpy(ImageCache(config.image_size).get(splits[1][0]).astype("float32"))[None]
+    sided, unsided = "Neumotórax izquierdo. Derrame pleural derecho.", "Sin hallazgos. Silueta cardiaca normal."
+    model.eval()
+
+    def loss(report: str, weight: float) -> float:
+        weights = side_token_weights(model.tokenizer, [model.template.target(report)], weight)
+        return float(model(image, [report], weights))
+
+    with torch.no_grad():
+        assert loss(sided, 1.0) == pytest.approx(float(model(image, [sided])), rel=1e-5)
+        extra_2, extra_4 = loss(sided, 2.0) - loss(sided, 1.0), loss(sided, 4.0) - loss(sided, 1.0)
+        assert extra_2 > 0 and extra_4 == pytest.approx(3 * extra_2, rel=1e-3)
+        assert loss(unsided, 4.0) == pytest.approx(loss(unsided, 1.0), rel=1e-6)
+
+
+def test_init_from_starts_from_a_runs_weights_with_a_fresh_schedule(full_run, splits, tmp_path):
+    config, trained, _, source = full_run
+    settings = TrainSettings(**{**SETTINGS, "steps": 1, "lr": 0.0, "warmup_steps": 1, "init_from": str(source)})
+    model, rows = train_report(config, splits[0], [], settings, tmp_path, seed=3)
+    assert rows[0]["step"] == 1  # a new run, not a resume of the source
+    expected = {k: v for k, v in trained.named_parameters() if v.requires_grad}
+    for name, value in model.named_parameters():
+        if value.requires_grad:
+            torch.testing.assert_close(value, expected[name])
+    fresh, _ = train_report(config, splits[0], [], TrainSettings(**{**SETTINGS, "steps": 1, "lr": 0.0, "warmup_steps": 1}),
+                            tmp_path / "fresh", seed=3)
+    fusion = dict(fresh.frontend.fusion.named_parameters())
+    assert not torch.equal(fusion["mask_proj.weight"], trained.frontend.fusion.mask_proj.weight)
 
 
 DDP_SCRIPT = textwrap.dedent(
