@@ -18,7 +18,7 @@ from radixpert.config import get_config
 from radixpert.model import Frontend
 from radixpert.train.cli import cli
 from radixpert.train.data import ImageCache, patient_split, read_table, select
-from radixpert.train.report import TrainSettings, side_token_weights, train_report
+from radixpert.train.report import SIDED_LABELS, TrainSettings, side_targets, side_token_weights, train_report
 
 SETTINGS = dict(steps=100, batch_size=4, lr=2e-2, warmup_steps=5, eval_every=50, save_every=50, num_samples=1)
 
@@ -132,6 +132,27 @@ def test_init_from_starts_from_a_runs_weights_with_a_fresh_schedule(full_run, sp
                             tmp_path / "fresh", seed=3)
     fusion = dict(fresh.frontend.fusion.named_parameters())
     assert not torch.equal(fusion["mask_proj.weight"], trained.frontend.fusion.mask_proj.weight)
+
+
+def test_side_targets_read_finding_and_side_from_the_report():
+    targets = side_targets(["Derrame pleural derecho. Nódulo en el lóbulo superior izquierdo. Sin neumotórax.",
+                            "Derrames pleurales bilaterales.", "Sin hallazgos."])
+    column = {(label, side): 2 * i + j for i, label in enumerate(SIDED_LABELS) for j, side in enumerate(("left", "right"))}
+    on = [{key for key, col in column.items() if row[col] == 1.0} for row in targets.tolist()]
+    assert on == [{("pleural effusion", "right"), ("nodule", "left")},
+                  {("pleural effusion", "left"), ("pleural effusion", "right")}, set()]
+
+
+def test_side_probe_run_trains_the_probe_and_resumes_exactly(splits, experts, tmp_path):
+    config = get_config("tiny", encoder_path=experts[0], segmenter_path=experts[1])
+    settings = dict(steps=8, batch_size=4, lr=2e-2, warmup_steps=2, eval_every=8, save_every=4, num_samples=0,
+                    side_weight=3.0, side_probe_weight=1.0)
+    _, whole = train_report(config, *splits, TrainSettings(**settings), tmp_path / "whole", seed=0)
+    assert all("side_probe_loss" in row for row in whole)
+    assert whole[-1]["side_probe_loss"] < whole[0]["side_probe_loss"]
+    train_report(config, *splits, TrainSettings(**settings, stop_after=4), tmp_path / "cut", seed=0)
+    _, resumed = train_report(config, *splits, TrainSettings(**settings), tmp_path / "cut", resume=True, seed=0)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[4:]]
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -150,14 +150,17 @@ def split(csv_path, images, dicom_dir, report_column, projections, subset, min_p
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory in the LLM.")
 @click.option("--side-weight", type=float, default=1.0, show_default=True,
               help="Loss weight of tokens that name a side (derecho, izquierda, bilateral); >1 pushes the model to read the side from the image.")
+@click.option("--side-probe-weight", type=float, default=0.0, show_default=True,
+              help="Weight of an auxiliary loss that predicts each finding's side from the mean visual token "
+                   "(training only; one process). Makes the fusion carry the side where the LLM reads it.")
 @click.option("--init-from", type=click.Path(file_okay=False), default=None,
               help="Start from the fusion and LoRA of this run or checkpoint, with a fresh optimizer and schedule.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--stop-after", type=int, default=None, hidden=True)
 def report(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed,
            preset, config_path, overrides, out_dir, steps, batch_size, grad_accum, lr, warmup_steps, weight_decay,
-           clip, eval_every, save_every, num_samples, no_augment, gradient_checkpointing, side_weight, init_from,
-           resume, stop_after):
+           clip, eval_every, save_every, num_samples, no_augment, gradient_checkpointing, side_weight,
+           side_probe_weight, init_from, resume, stop_after):
     """Train the fusion (Conv1x1 + MLP) and LoRA on reports (the default subcommand)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -171,7 +174,8 @@ def report(csv_path, images, dicom_dir, report_column, projections, subset, min_
                              weight_decay=weight_decay, clip=clip, eval_every=eval_every, save_every=save_every,
                              num_samples=num_samples, augment=not no_augment,
                              gradient_checkpointing=gradient_checkpointing, stop_after=stop_after,
-                             side_weight=side_weight, init_from=init_from)
+                             side_weight=side_weight, side_probe_weight=side_probe_weight,
+                             init_from=init_from)
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), disable=not is_main_process()) as bar:
         task = bar.add_task("train", total=steps, status="")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from radixpert.config import RadixpertConfig
 from radixpert.model import RadixpertModel, build_model
@@ -27,6 +28,7 @@ from radixpert.train.checkpoint import (
     load_trained_weights,
     resolve_checkpoint,
     save_checkpoint,
+    write_checksums,
 )
 from radixpert.train.data import ImageCache, Study, augment, augment_params
 
@@ -47,8 +49,11 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     stop_after: int | None = None  # stop early (as if interrupted) after this step
     side_weight: float = 1.0  # loss weight of the tokens that name a side (derecho, izquierda, bilateral...)
+    side_probe_weight: float = 0.0  # weight of the auxiliary side loss on the visual tokens (0: off)
     init_from: str | None = None  # start from these trained weights (fresh optimizer and schedule)
 
+
+PROBE_FILE = "side_probe.safetensors"  # training-only; pack and export ignore it
 
 # A side word decides laterality, the error our users care most about, yet it is one token in
 # about forty; weighting it makes the loss pay for reading the side from the image.
@@ -63,6 +68,42 @@ def side_token_weights(tokenizer, texts: list[str], weight: float) -> list[list[
         starts = [m.start() for m in SIDE_WORD.finditer(text)]
         rows.append([weight if any(a <= s < b for s in starts) else 1.0 for a, b in encoded["offset_mapping"]])
     return rows
+
+
+def side_targets(reports: list[str]) -> torch.Tensor:
+    """(B, 2 * len(SIDED_LABELS)): for each sided finding, is it present on the left / on the right."""
+    from radixpert.evaluation.labeler import present, label_report
+
+    rows = []
+    for report in reports:
+        findings = present(label_report(report))
+        row = []
+        for label in SIDED_LABELS:
+            side = findings[label].side if label in findings else None
+            row += [float(side in ("left", "bilateral")), float(side in ("right", "bilateral"))]
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+SIDED_LABELS = ("pleural effusion", "pneumothorax", "nodule", "consolidation", "atelectasis", "mass")
+
+
+class SideProbe(torch.nn.Module):
+    """Training-only head: finding-and-side from the mean visual token.
+
+    The LLM learns early to read findings from the tokens as a whole, where a finding's side
+    averages away. This loss makes the fusion write the side of each finding into every token,
+    where that readout finds it. The head is dropped after training; nothing else changes.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(dim, 2 * len(SIDED_LABELS))
+
+    def forward(self, visual_tokens: torch.Tensor, reports: list[str]) -> torch.Tensor:
+        logits = self.linear(visual_tokens.float().mean(dim=1))
+        targets = side_targets(reports).to(logits.device)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
 
 
 @dataclass
@@ -162,13 +203,18 @@ def train_report(
         model.llm.gradient_checkpointing_enable()
         model.llm.enable_input_require_grads()
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    if settings.side_probe_weight > 0 and world.size > 1:
+        raise ValueError("the side probe trains in one process only; run without torchrun or without --side-probe-weight")
+    probe = SideProbe(config.llm_dim).to(world.device) if settings.side_probe_weight > 0 else None
+    trainable = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     metrics_path = out_dir / "metrics.jsonl"
     start_step = 0
     if resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
         start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)["step"]
+        if probe is not None:
+            probe.load_state_dict(load_file(str(checkpoint / PROBE_FILE)))
         if world.main and metrics_path.exists():
             kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step]
             metrics_path.write_text("".join(line + "\n" for line in kept))
@@ -187,7 +233,7 @@ def train_report(
         picks = sample_positions(len(train_studies), seed, step, per_rank * world.size)
         mine = picks[world.rank * per_rank : (world.rank + 1) * per_rank]
         optimizer.zero_grad(set_to_none=True)
-        step_loss, tokens = 0.0, 0
+        step_loss, step_side_loss, tokens = 0.0, 0.0, 0
         for micro in range(settings.grad_accum):
             chunk = mine[micro * settings.batch_size : (micro + 1) * settings.batch_size]
             images, reports = _batch(train_studies, cache, chunk, seed, settings.augment)
@@ -199,6 +245,10 @@ def train_report(
                 weights = side_token_weights(model.tokenizer, targets, settings.side_weight)
             with (contextlib.nullcontext() if sync else runner.no_sync()), _autocast(world.device):
                 loss = runner(images.to(world.device), reports, weights) / settings.grad_accum
+                if probe is not None:
+                    side_loss = probe(model.frontend(images.to(world.device))[0], reports)
+                    loss = loss + settings.side_probe_weight * side_loss / settings.grad_accum
+                    step_side_loss += float(side_loss.detach()) / settings.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
             tokens += sum(len(row) for row in ids)
@@ -212,6 +262,8 @@ def train_report(
         elapsed = time.perf_counter() - started
         row = {"step": step + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": tokens / elapsed, "seconds": elapsed}
+        if probe is not None:
+            row["side_probe_loss"] = step_side_loss
         done = step + 1
         if val_studies and (done % settings.eval_every == 0 or done == settings.steps):
             row["val_loss"] = validate(model, val_studies, cache, settings.batch_size, world.device)
@@ -228,8 +280,11 @@ def train_report(
             if progress is not None:
                 progress(row)
         if world.main and (done % settings.save_every == 0 or done == last):
-            save_checkpoint(out_dir / "checkpoints" / f"step-{done:06d}", model, optimizer, scheduler, done,
-                            {"settings": asdict(settings), "seed": seed}, split_path)
+            folder = save_checkpoint(out_dir / "checkpoints" / f"step-{done:06d}", model, optimizer, scheduler, done,
+                                     {"settings": asdict(settings), "seed": seed}, split_path)
+            if probe is not None:
+                save_file(probe.state_dict(), str(folder / PROBE_FILE))
+                write_checksums(folder)
         if world.size > 1:
             dist.barrier()
     return model, rows
