@@ -18,7 +18,14 @@ from radixpert.config import get_config
 from radixpert.model import Frontend
 from radixpert.train.cli import cli
 from radixpert.train.data import ImageCache, patient_split, read_table, select
-from radixpert.train.report import SIDED_LABELS, TrainSettings, side_targets, side_token_weights, train_report
+from radixpert.train.report import (
+    SIDED_LABELS,
+    TrainSettings,
+    sample_scores,
+    side_targets,
+    side_token_weights,
+    train_report,
+)
 
 SETTINGS = dict(steps=100, batch_size=4, lr=2e-2, warmup_steps=5, eval_every=50, save_every=50, num_samples=1)
 
@@ -64,6 +71,7 @@ def test_loss_halves_over_100_steps(full_run):
     assert last <= 0.5 * first
     assert (out / "checkpoints" / "step-000100" / "adapter" / "adapter_model.safetensors").exists()
     assert "val_loss" in rows[-1] and isinstance(rows[-1]["samples"][0], str)
+    assert 0.0 <= rows[-1]["val_micro_f1"] <= 1.0
 
 
 def test_experts_and_base_llm_are_bit_identical_after_training(full_run, experts):
@@ -153,6 +161,14 @@ def test_side_probe_run_trains_the_probe_and_resumes_exactly(splits, experts, tm
     train_report(config, *splits, TrainSettings(**settings, stop_after=4), tmp_path / "cut", seed=0)
     _, resumed = train_report(config, *splits, TrainSettings(**settings), tmp_path / "cut", resume=True, seed=0)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[4:]]
+
+
+def test_validation_scores_catch_a_side_swap_that_the_loss_would_not():
+    references = ["Neumotórax izquierdo.", "Derrame pleural derecho. Cardiomegalia."]
+    assert sample_scores(references, references) == {"val_micro_f1": 1.0, "val_laterality": 1.0, "val_laterality_checked": 2}
+    swapped = ["Neumotórax derecho.", "Derrame pleural izquierdo. Cardiomegalia."]
+    assert sample_scores(swapped, references)["val_laterality"] == 0.0
+    assert sample_scores(swapped, references)["val_micro_f1"] == 1.0
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -145,7 +145,7 @@ def split(csv_path, images, dicom_dir, report_column, projections, subset, min_p
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping.")
 @click.option("--eval-every", type=int, default=50, show_default=True, help="Validation loss and samples every N steps.")
 @click.option("--save-every", type=int, default=50, show_default=True, help="Checkpoint every N steps.")
-@click.option("--num-samples", type=int, default=2, show_default=True, help="Greedy sample reports at each validation.")
+@click.option("--num-samples", type=int, default=2, show_default=True, help="Greedy sample reports at each validation, scored for finding F1 and laterality (use 32+ for a usable score).")
 @click.option("--no-augment", is_flag=True, help="Disable augmentation (small affine + contrast; never flips).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory in the LLM.")
 @click.option("--side-weight", type=float, default=1.0, show_default=True,
@@ -184,6 +184,8 @@ def report(csv_path, images, dicom_dir, report_column, projections, subset, min_
             status = f"loss {row['loss']:.3f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
             if "val_loss" in row:
                 status += f" val {row['val_loss']:.3f}"
+            if row.get("val_laterality") is not None:
+                status += f" F1 {row['val_micro_f1']:.2f} side {row['val_laterality']:.2f}"
             bar.update(task, completed=row["step"], status=status)
 
         _, rows = train_report(config, parts["train"], parts["val"], settings, out, path, resume=resume, seed=seed, progress=show)

@@ -164,6 +164,19 @@ def _batch(studies: list[Study], cache: ImageCache, picks: list[tuple[int, int, 
     return torch.stack(images), reports
 
 
+def sample_scores(predictions: list[str], references: list[str]) -> dict:
+    """Finding micro-F1 and laterality of greedy validation reports, scored as ``radixpert-eval`` does.
+
+    Validation loss can fall while the side stays at chance; these catch that during training.
+    """
+    from radixpert.evaluation.clinical import score_findings
+    from radixpert.evaluation.labeler import label_report, present
+
+    scores = score_findings([present(label_report(p)) for p in predictions], [present(label_report(r)) for r in references])
+    return {"val_micro_f1": scores["micro_f1"], "val_laterality": scores["laterality_accuracy"],
+            "val_laterality_checked": scores["laterality_checked"]}
+
+
 @torch.no_grad()
 def validate(model: RadixpertModel, studies: list[Study], cache: ImageCache, batch_size: int, device) -> float:
     model.eval()
@@ -271,8 +284,9 @@ def train_report(
                 samples = val_studies[: settings.num_samples]
                 images = torch.stack([torch.from_numpy(cache.get(s).astype("float32")) for s in samples]).to(world.device)
                 model.eval()
-                row["samples"] = model.generate_text(images, max_new_tokens=48)
+                row["samples"] = model.generate_text(images, max_new_tokens=96)
                 model.train()
+                row.update(sample_scores(row["samples"], [s.report for s in samples]))
         rows.append(row)
         if world.main:
             with metrics_path.open("a", encoding="utf-8") as handle:
