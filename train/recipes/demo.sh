@@ -20,7 +20,9 @@ radixpert-train segmenter --data data/phantoms.csv --split runs/split/split.json
 # nodules far better (held-out AUROC 0.99 at 5000 steps; 0.70 for this 3000-step encoder); a report model on it finds
 # them (seed-7 F1 0.97, micro-F1 0.91), but in the one run tried (1600 steps) its reports lost the
 # side (laterality 0.57 against 0.86), although the side is plain in its visual tokens. Until that
-# is solved the demo ships the mean-pooled encoder.
+# is solved the demo ships the mean-pooled encoder. Short runs with --side-weight 5 (and
+# --side-probe-weight 0.2) on the mean-max encoder did not bring the side back (teacher-forced side
+# choice 0.51-0.59 against 0.61-0.65 without them, at 200-320 steps).
 radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc \
     --preset demo --steps 3000 --seed 0 --pool mean
 radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
