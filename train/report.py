@@ -70,6 +70,10 @@ def side_token_weights(tokenizer, texts: list[str], weight: float) -> list[list[
     return rows
 
 
+# The sided findings that phantom and PadChest reports name with a side; the probe's outputs, in order.
+SIDED_LABELS = ("pleural effusion", "pneumothorax", "nodule", "consolidation", "atelectasis", "mass")
+
+
 def side_targets(reports: list[str]) -> torch.Tensor:
     """(B, 2 * len(SIDED_LABELS)): for each sided finding, is it present on the left / on the right."""
     from radixpert.evaluation.labeler import present, label_report
@@ -83,9 +87,6 @@ def side_targets(reports: list[str]) -> torch.Tensor:
             row += [float(side in ("left", "bilateral")), float(side in ("right", "bilateral"))]
         rows.append(row)
     return torch.tensor(rows)
-
-
-SIDED_LABELS = ("pleural effusion", "pneumothorax", "nodule", "consolidation", "atelectasis", "mass")
 
 
 class SideProbe(torch.nn.Module):
