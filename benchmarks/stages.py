@@ -36,7 +36,7 @@ class Engine(Protocol):
 def prompt_length(bundle: Bundle) -> int:
     """Positions before the first generated token: prefix + visual tokens + suffix."""
     tokens = bundle.token_ids
-    return len(tokens["prefix"]) + bundle.config.num_patches + len(tokens["suffix"])
+    return len(tokens["prefix"]) + bundle.config.num_visual_tokens + len(tokens["suffix"])
 
 
 def token_room(bundle: Bundle) -> int:

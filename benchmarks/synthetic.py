@@ -169,7 +169,7 @@ def _assemble(out: Path, config: Any, hf_dir: Path, gguf_path: Path, onnx_path: 
         "suffix": tokenizer(template.suffix, add_special_tokens=False)["input_ids"],
         "stop": sorted(tokenizer.convert_tokens_to_ids(t) for t in template.stop_strings),
     }
-    needed = len(ids["prefix"]) + config.num_patches + len(ids["suffix"]) + max(tokens, config.max_new_tokens) + 8
+    needed = len(ids["prefix"]) + config.num_visual_tokens + len(ids["suffix"]) + max(tokens, config.max_new_tokens) + 8
     n_ctx = int(-(-needed // 256) * 256)  # as export sizes it
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -189,7 +189,7 @@ def _assemble(out: Path, config: Any, hf_dir: Path, gguf_path: Path, onnx_path: 
         "config": config.to_dict(),
         "prompt": template.to_manifest(),
         "tokens": ids,
-        "visual": {"num_tokens": config.num_patches, "dim": config.llm_dim, "image_size": config.image_size,
+        "visual": {"num_tokens": config.num_visual_tokens, "dim": config.llm_dim, "image_size": config.image_size,
                    "masks": config.num_masks, "input": "image", "outputs": ["visual_tokens", "masks"]},
         "llm": {"quants": [quant], "default_quant": quant, "n_ctx": n_ctx},
         "labels": LABELS,

@@ -137,7 +137,7 @@ def _check_frontend_shapes(frontend: Frontend, config: RadixpertConfig, example:
     with torch.no_grad():
         tokens, masks = frontend(example)
     b, s = example.shape[0], config.image_size
-    want_tokens = (b, config.num_patches, config.llm_dim)
+    want_tokens = (b, config.num_visual_tokens, config.llm_dim)
     want_masks = (b, config.num_masks, s, s)
     if tuple(tokens.shape) != want_tokens or tuple(masks.shape) != want_masks:
         raise ModelError(
@@ -151,7 +151,7 @@ def frontend_metadata(config: RadixpertConfig) -> dict[str, str]:
     return {
         "radixpert.config": config.name,
         "radixpert.image_size": str(config.image_size),
-        "radixpert.num_patches": str(config.num_patches),
+        "radixpert.num_visual_tokens": str(config.num_visual_tokens),
         "radixpert.llm_dim": str(config.llm_dim),
         "radixpert.mask_names": json.dumps(list(config.mask_names)),
         "radixpert.input": "ImageNet-normalized float32 (batch, 3, S, S), letterboxed",

@@ -134,7 +134,7 @@ def template_token_ids(model: RadixpertModel) -> dict[str, Any]:
 
 
 def context_length(model: RadixpertModel, max_new_tokens: int) -> int:
-    needed = len(model.prefix_ids) + model.config.num_patches + len(model.suffix_ids) + max_new_tokens + 8
+    needed = len(model.prefix_ids) + model.config.num_visual_tokens + len(model.suffix_ids) + max_new_tokens + 8
     return int(-(-needed // 256) * 256)
 
 
@@ -252,7 +252,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
             "config": config.to_dict(),
             "prompt": model.template.to_manifest(),
             "tokens": token_ids,
-            "visual": {"num_tokens": config.num_patches, "dim": config.llm_dim, "image_size": config.image_size,
+            "visual": {"num_tokens": config.num_visual_tokens, "dim": config.llm_dim, "image_size": config.image_size,
                        "masks": config.num_masks, "input": "image", "outputs": ["visual_tokens", "masks"]},
             "llm": {"quants": list(options.quants), "default_quant": default_quant(options.quants), "n_ctx": n_ctx},
             "labels": LABELS,

@@ -55,6 +55,11 @@ class RadixpertConfig:
     mask_embed_dim: int = 32  # D_emb
     projector_depth: int = 2  # number of Linear layers
     projector_hidden: int = 128
+    # Region tokens: after the N_p patch tokens, 2K more, one pair per anatomy mask: the
+    # mask-weighted mean and the in-mask max of H_fused, through the same projector. A finding then
+    # sits in the token of its structure ("left lung"), which the LLM reads by content, not by
+    # its column in the 14x14 raster. Adds no weights.
+    region_tokens: bool = False
 
     # The LLM (Gemma 3 text). For "tiny_random" the shape fields below build it;
     # for the other sources they must agree with the loaded model (checked at load).
@@ -96,6 +101,11 @@ class RadixpertConfig:
         return self.grid_size**2
 
     @property
+    def num_visual_tokens(self) -> int:
+        """Tokens the frontend hands the LLM: N_p patches, plus 2K region tokens when on."""
+        return self.num_patches + (2 * self.num_masks if self.region_tokens else 0)
+
+    @property
     def encoder_stride(self) -> int:
         return self.image_size // self.grid_size
 
@@ -108,6 +118,7 @@ class RadixpertConfig:
             (self.image_attention in IMAGE_ATTENTION, f"image_attention must be one of {IMAGE_ATTENTION}"),
             (self.image_size % self.grid_size == 0, "image_size must be a multiple of grid_size"),
             (len(self.mask_names) == self.num_masks, "mask_names must list num_masks names"),
+            (self.use_anatomy or not self.region_tokens, "region_tokens needs use_anatomy (they are read through the masks)"),
             (self.projector_depth >= 1, "projector_depth must be >= 1"),
             (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank and lora_alpha must be positive"),
             (

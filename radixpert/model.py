@@ -6,6 +6,7 @@
     H_seg    = Conv1x1(M_down)             (B, D_emb, G, G)   trainable
     H_fused  = concat(H_v, flatten(H_seg)) (B, N_p, D_v + D_emb)
     X_prompt = MLP(H_fused)                (B, N_p, D_llm)    trainable
+    (region_tokens: 2K more rows of H_fused, mean and max over each mask, before the MLP)
     report   = LLM + LoRA(X_prompt)                           LoRA trainable
 
 Every later stage (ONNX, GGUF, runtime) is tested against this module.
@@ -129,6 +130,11 @@ def area_pooling_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return weights
 
 
+# Added to patches outside a structure before the max: far below any feature, finite so an
+# empty mask gives a bounded token rather than -inf.
+OUTSIDE = -1.0e4
+
+
 class AnatomyFusion(nn.Module):
     """The trainable part of the frontend: pool, Conv1x1, concat and MLP projector."""
 
@@ -136,6 +142,7 @@ class AnatomyFusion(nn.Module):
         super().__init__()
         pool = area_pooling_matrix(config.image_size, config.grid_size)
         self.use_anatomy = config.use_anatomy
+        self.region_tokens = config.region_tokens
         # Derived from the config, so not saved with the weights.
         self.register_buffer("pool_rows", pool, persistent=False)
         self.register_buffer("pool_cols_t", pool.t().contiguous(), persistent=False)
@@ -159,11 +166,24 @@ class AnatomyFusion(nn.Module):
             pooled = torch.zeros_like(pooled)
         mask_embed = self.mask_proj(pooled)  # (B, D_emb, G, G)
         fused = torch.cat([patch_features, mask_embed.flatten(2).transpose(1, 2)], dim=-1)
+        if self.region_tokens:
+            fused = torch.cat([fused, self.region_summaries(fused, pooled)], dim=1)
         return self.projector(fused)
+
+    @staticmethod
+    def region_summaries(fused: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, N_p, D) features, (B, K, G, G) coverage -> (B, 2K, D): per structure, the
+        coverage-weighted mean, then the max over the patches it covers at least half as
+        much as its best-covered patch (the max keeps a small finding a mean would dilute)."""
+        coverage = pooled.flatten(2)  # (B, K, N_p)
+        mean = (coverage @ fused) / (coverage.sum(-1, keepdim=True) + 1e-6)
+        inside = coverage > 0.5 * coverage.amax(-1, keepdim=True)
+        peak = (fused[:, None] + torch.where(inside, 0.0, OUTSIDE)[..., None]).amax(dim=2)
+        return torch.cat([mean, peak], dim=1)
 
 
 class Frontend(nn.Module):
-    """Image -> (visual tokens (B, N_p, D_llm), anatomy maps (B, K, S, S))."""
+    """Image -> (visual tokens (B, N_visual, D_llm), anatomy maps (B, K, S, S)); N_visual: config.num_visual_tokens."""
 
     def __init__(self, config: RadixpertConfig):
         super().__init__()

@@ -150,7 +150,7 @@ class OnnxFrontend:
             raise ModelError(f"{self.path} is not a radixpert frontend (inputs {got}, outputs {outputs}); re-export it")
         self.image_size: int = int(shape[2])
         out_shapes = {o.name: o.shape for o in self._session.get_outputs()}
-        self.num_patches: int | None = _static(out_shapes["visual_tokens"], 1)
+        self.num_tokens: int | None = _static(out_shapes["visual_tokens"], 1)
         self.token_dim: int | None = _static(out_shapes["visual_tokens"], 2)
         self.num_masks: int | None = _static(out_shapes["masks"], 1)
 

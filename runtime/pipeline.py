@@ -68,7 +68,7 @@ class Reporter:
         self.image_size = bundle.config.image_size
         limit = max_new_tokens or bundle.config.max_new_tokens
         # The context was sized at export for the configured report length.
-        room = bundle.manifest["llm"]["n_ctx"] - len(self.prefix_ids) - bundle.config.num_patches - len(self.suffix_ids)
+        room = bundle.manifest["llm"]["n_ctx"] - len(self.prefix_ids) - bundle.config.num_visual_tokens - len(self.suffix_ids)
         self.max_new_tokens = max(1, min(limit, room))
 
     @property

@@ -40,6 +40,7 @@ def test_overrides_are_typed():
         lambda: get_config("tiny", lora_rank="many"),
         lambda: get_config("tiny", grid_size=15).validate(),
         lambda: get_config("medgemma-4b").validate(),  # no llm_path
+        lambda: get_config("tiny", region_tokens=True, use_anatomy=False).validate(),
         lambda: RadixpertConfig.from_dict({"name": "x", "typo_field": 3}),
     ],
 )

@@ -182,3 +182,37 @@ def test_visual_tokens_change_the_report(bundle):
             runner.eval_embeddings(rng.normal(size=(196, manifest["visual"]["dim"])).astype(np.float32))
             logits.append(runner.eval_tokens(suffix))
     assert np.abs(logits[0] - logits[1]).max() > 1e-3
+
+
+def test_region_token_run_exports_and_the_runtime_writes_the_reference_tokens(run_dir, tmp_path):
+    """The same trained weights with region tokens on (they add no weights): the bundle records
+    N_p + 2K visual tokens and the torch-free runtime writes PyTorch's greedy tokens."""
+    from radixpert.config import RadixpertConfig
+    from radixpert.export.pipeline import ExportOptions, export_bundle
+    from radixpert.imageio import read_image
+    from radixpert.phantom import write_dataset
+    from radixpert.runtime.pipeline import Reporter
+    from radixpert.train.checkpoint import latest_checkpoint, write_checksums
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    checkpoint = latest_checkpoint(run)
+    config = RadixpertConfig.load(checkpoint / "config.json").replace(region_tokens=True)
+    config.save(checkpoint / "config.json")
+    write_checksums(checkpoint)
+    manifest = export_bundle(run, tmp_path / "bundle", ExportOptions(quants=("f32",), samples=2, e2e_tokens=16, threads=2))
+    assert manifest["visual"]["num_tokens"] == config.num_visual_tokens == 196 + 10
+    assert manifest["parity"]["passed"] and manifest["parity"]["e2e"]["f32"]["token_match"] == 1.0
+
+    model, _, _ = load_run(run)
+    merge_lora(model)
+    table = write_dataset(tmp_path / "scans", n=3, seed=5, size=256, workers=1, progress=False)
+    scans = sorted(table.parent.rglob("*.dcm"))
+    images = torch.from_numpy(np.stack([read_image(p, 224).model_input for p in scans]))
+    reference = model.generate(images, max_new_tokens=24, ignore_stop=True)
+    reporter = Reporter(load_bundle(tmp_path / "bundle"), quant="f32", threads=2)
+    try:
+        produced = [reporter.report(p, ignore_eos=True, max_new_tokens=24).tokens for p in scans]
+    finally:
+        reporter.close()
+    assert produced == reference

@@ -120,3 +120,61 @@ def test_different_images_give_different_visual_tokens(tiny_model):
     a, _ = tiny_model.frontend(_images(1, seed=1))
     b, _ = tiny_model.frontend(_images(1, seed=2))
     assert not torch.allclose(a, b)
+
+
+def _fusion_inputs(config, finding_column: int | None = None):
+    """Patch features and hand-drawn masks: right lung in image columns 0-6, left lung in 7-13
+    (radiological view), heart, clavicles in small boxes; optionally one bright patch."""
+    from radixpert.model import AnatomyFusion
+
+    torch.manual_seed(0)
+    fusion = AnatomyFusion(config.replace(region_tokens=True)).eval()
+    g, s = config.grid_size, config.image_size
+    features = torch.randn(1, g * g, config.vision_dim, generator=torch.Generator().manual_seed(1))
+    if finding_column is not None:
+        features[0, 6 * g + finding_column] += 5.0
+    masks = torch.zeros(1, config.num_masks, s, s)
+    half, cell = s // 2, s // g
+    masks[0, 0, cell : s - cell, :half] = 1.0
+    masks[0, 1, cell : s - cell, half:] = 1.0
+    masks[0, 2, half : s - cell, half - 2 * cell : half + 2 * cell] = 1.0
+    masks[0, 3, :cell, :half] = 1.0
+    masks[0, 4, :cell, half:] = 1.0
+    return fusion, features, masks
+
+
+def test_region_tokens_follow_the_patches_and_summarize_each_structure(tiny_config):
+    from radixpert.model import AnatomyFusion
+
+    fusion, features, masks = _fusion_inputs(tiny_config)
+    plain = AnatomyFusion(tiny_config)
+    plain.load_state_dict(fusion.state_dict())  # region tokens add no weights
+    with torch.no_grad():
+        tokens = fusion(features, masks)
+        patches = plain(features, masks)
+        pooled = fusion.pool_masks(masks).flatten(2)[0]
+        fused = torch.cat([features[0], fusion.mask_proj(fusion.pool_masks(masks)).flatten(2)[0].t()], dim=-1)
+    k, n = tiny_config.num_masks, tiny_config.num_patches
+    assert tokens.shape == (1, tiny_config.replace(region_tokens=True).num_visual_tokens, tiny_config.llm_dim) == (1, n + 2 * k, tiny_config.llm_dim)
+    torch.testing.assert_close(tokens[:, :n], patches)
+    for m in range(k):
+        weights = pooled[m]
+        mean = (weights[:, None] * fused).sum(0) / weights.sum()
+        peak = fused[weights > 0.5 * weights.max()].max(dim=0).values
+        with torch.no_grad():
+            torch.testing.assert_close(tokens[0, n + m], fusion.projector(mean), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(tokens[0, n + k + m], fusion.projector(peak), rtol=1e-4, atol=1e-5)
+
+
+def test_a_finding_moves_only_the_tokens_of_its_side(tiny_config):
+    """A bright patch in the image's right half (the patient's left lung) changes the left-lung
+    region tokens and leaves the right lung's alone; mirrored, the other way round."""
+    k, n = tiny_config.num_masks, tiny_config.num_patches
+    right, left = [n, n + k], [n + 1, n + k + 1]  # mean and max tokens of each lung
+    fusion, features, masks = _fusion_inputs(tiny_config)
+    with torch.no_grad():
+        base = fusion(features, masks)[0]
+        for column, moved, still in ((10, left, right), (3, right, left)):
+            _, shifted, _ = _fusion_inputs(tiny_config, finding_column=column)
+            changed = (fusion(shifted, masks)[0] - base).abs().amax(dim=-1)
+            assert bool((changed[moved] > 1e-3).all()) and bool((changed[still] == 0).all()), (column, changed[n:])

@@ -72,7 +72,7 @@ def test_exported_graph_has_the_documented_signature(onnx_path, config):
     assert [o.name for o in model.graph.output] == ["visual_tokens", "masks"]
     assert all(o.type.tensor_type.shape.dim[0].dim_param for o in model.graph.output)
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta["radixpert.config"] == "tiny" and meta["radixpert.num_patches"] == str(config.num_patches)
+    assert meta["radixpert.config"] == "tiny" and meta["radixpert.num_visual_tokens"] == str(config.num_visual_tokens)
 
 
 def test_onnxruntime_matches_pytorch(frontend, onnx_path, images, config):
@@ -86,8 +86,21 @@ def test_onnxruntime_matches_pytorch(frontend, onnx_path, images, config):
     assert tokens.shape == (3, config.num_patches, config.llm_dim) and tokens.dtype == np.float32
     assert masks.shape == (3, config.num_masks, config.image_size, config.image_size)
     assert session.providers_used[-1] == CPU
-    assert (session.image_size, session.num_patches, session.token_dim, session.num_masks) == (
+    assert (session.image_size, session.num_tokens, session.token_dim, session.num_masks) == (
         config.image_size, config.num_patches, config.llm_dim, config.num_masks)
+
+
+def test_region_tokens_export_and_match_pytorch(images, tmp_path):
+    config = get_config("tiny", region_tokens=True)
+    torch.manual_seed(1234)
+    frontend = Frontend(config).eval()
+    path = export_frontend(frontend, config, tmp_path / "frontend.onnx")
+    report = frontend_parity(frontend, path, images)
+    assert report["visual_tokens"]["max_abs"] < 1e-4 and report["visual_tokens"]["rel_l2"] < 1e-5, report
+    session = OnnxFrontend(path, threads=1)
+    tokens, _ = session.run(images)
+    assert session.num_tokens == config.num_visual_tokens == config.num_patches + 2 * config.num_masks
+    assert tokens.shape == (3, config.num_visual_tokens, config.llm_dim)
 
 
 def test_dynamic_batch_rows_match_single_image_runs(onnx_path, images):
