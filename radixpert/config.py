@@ -56,9 +56,10 @@ class RadixpertConfig:
     projector_depth: int = 2  # number of Linear layers
     projector_hidden: int = 128
     # Region tokens: after the N_p patch tokens, 2K more, one pair per anatomy mask: the
-    # mask-weighted mean and the in-mask max of H_fused, through the same projector. A finding then
-    # sits in the token of its structure ("left lung"), which the LLM reads by content, not by
-    # its column in the 14x14 raster. Adds no weights.
+    # mask-weighted mean and the in-mask max of H_fused, through the same projector, plus the
+    # LLM's embedding of the structure's name. A finding then sits in the token of its structure
+    # ("pulmón izquierdo"), which the LLM reads by content, not by its column in the 14x14
+    # raster. Adds no trained weights.
     region_tokens: bool = False
 
     # The LLM (Gemma 3 text). For "tiny_random" the shape fields below build it;

@@ -6,7 +6,8 @@
     H_seg    = Conv1x1(M_down)             (B, D_emb, G, G)   trainable
     H_fused  = concat(H_v, flatten(H_seg)) (B, N_p, D_v + D_emb)
     X_prompt = MLP(H_fused)                (B, N_p, D_llm)    trainable
-    (region_tokens: 2K more rows of H_fused, mean and max over each mask, before the MLP)
+    (region_tokens: 2K more rows of H_fused, mean and max over each mask, before the MLP;
+     after it, each pair gets the LLM's embedding of its structure's name)
     report   = LLM + LoRA(X_prompt)                           LoRA trainable
 
 Every later stage (ONNX, GGUF, runtime) is tested against this module.
@@ -23,7 +24,7 @@ from torch.nn import functional as F
 
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError
-from radixpert.prompt import DEFAULT_TEMPLATE, PromptTemplate
+from radixpert.prompt import DEFAULT_TEMPLATE, PromptTemplate, region_name
 
 IGNORE_INDEX = -100
 
@@ -155,6 +156,9 @@ class AnatomyFusion(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(cin, cout))
         self.projector = nn.Sequential(*layers)
+        if self.region_tokens:
+            # The names' embeddings come from the LLM (RadixpertModel sets them), not from training.
+            self.register_buffer("region_anchors", torch.zeros(config.num_masks, config.llm_dim), persistent=False)
 
     def pool_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, K, H, W) -> (B, K, G, G): the fraction of each patch covered by each structure."""
@@ -166,9 +170,12 @@ class AnatomyFusion(nn.Module):
             pooled = torch.zeros_like(pooled)
         mask_embed = self.mask_proj(pooled)  # (B, D_emb, G, G)
         fused = torch.cat([patch_features, mask_embed.flatten(2).transpose(1, 2)], dim=-1)
-        if self.region_tokens:
-            fused = torch.cat([fused, self.region_summaries(fused, pooled)], dim=1)
-        return self.projector(fused)
+        if not self.region_tokens:
+            return self.projector(fused)
+        tokens = self.projector(torch.cat([fused, self.region_summaries(fused, pooled)], dim=1))
+        n = patch_features.shape[1]
+        anchors = torch.cat([self.region_anchors, self.region_anchors])  # the mean and the max token
+        return torch.cat([tokens[:, :n], tokens[:, n:] + anchors], dim=1)
 
     @staticmethod
     def region_summaries(fused: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -249,6 +256,10 @@ class RadixpertModel(nn.Module):
         self.prefix_ids = self._ids(template.prefix)
         self.suffix_ids = self._ids(template.suffix)
         self.stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in template.stop_strings}
+        if config.region_tokens:
+            with torch.no_grad():
+                names = [self.embed_text(self._ids(region_name(m))).mean(dim=0) for m in config.mask_names]
+                self.frontend.fusion.region_anchors.copy_(torch.stack(names))
         self.freeze_experts()
 
     def _ids(self, text: str) -> list[int]:

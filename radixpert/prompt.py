@@ -44,6 +44,21 @@ INSTRUCTION_ES = (
 
 TEMPLATE_VERSION = 1
 
+# How the reports name each anatomy structure. With region tokens on, a structure's tokens carry
+# the LLM's own embedding of its name, so "which lung" is a word the LLM already knows.
+REGION_NAMES_ES: dict[str, str] = {
+    "right_lung": "pulmón derecho",
+    "left_lung": "pulmón izquierdo",
+    "heart": "corazón",
+    "right_clavicle": "clavícula derecha",
+    "left_clavicle": "clavícula izquierda",
+}
+
+
+def region_name(mask_name: str) -> str:
+    """The Spanish name of an anatomy structure (its identifier, spaced, if it has none)."""
+    return REGION_NAMES_ES.get(mask_name, mask_name.replace("_", " "))
+
 
 @dataclass(frozen=True)
 class PromptTemplate:

@@ -178,3 +178,23 @@ def test_a_finding_moves_only_the_tokens_of_its_side(tiny_config):
             _, shifted, _ = _fusion_inputs(tiny_config, finding_column=column)
             changed = (fusion(shifted, masks)[0] - base).abs().amax(dim=-1)
             assert bool((changed[moved] > 1e-3).all()) and bool((changed[still] == 0).all()), (column, changed[n:])
+
+
+def test_region_tokens_carry_the_llm_embedding_of_their_structure_name(tiny_config):
+    from radixpert.model import build_model
+    from radixpert.prompt import region_name
+
+    model = build_model(tiny_config.replace(region_tokens=True))
+    last = model.frontend.fusion.projector[-1]
+    with torch.no_grad():  # a projector that outputs zeros leaves only the names
+        last.weight.zero_()
+        last.bias.zero_()
+        tokens, _ = model.frontend(_images(1))
+    n, k = tiny_config.num_patches, tiny_config.num_masks
+    assert float(tokens[0, :n].abs().max()) == 0.0
+    for m, mask in enumerate(tiny_config.mask_names):
+        ids = model.tokenizer(region_name(mask), add_special_tokens=False)["input_ids"]
+        name = model.embed_text(ids).mean(dim=0)
+        torch.testing.assert_close(tokens[0, n + m], name)
+        torch.testing.assert_close(tokens[0, n + k + m], name)
+    assert region_name("left_lung") == "pulmón izquierdo"
