@@ -22,7 +22,10 @@ radixpert-train segmenter --data data/phantoms.csv --split runs/split/split.json
 # side (laterality 0.57 against 0.86), although the side is plain in its visual tokens. Until that
 # is solved the demo ships the mean-pooled encoder. Short runs with --side-weight 5 (and
 # --side-probe-weight 0.2) on the mean-max encoder did not bring the side back (teacher-forced side
-# choice 0.51-0.59 against 0.61-0.65 without them, at 200-320 steps).
+# choice 0.51-0.59 against 0.61-0.65 without them, at 200-320 steps), nor did region tokens
+# (--set region_tokens=true, --init-from the 1600-step run, --side-weight 3, lr 5e-4): 0.53-0.66
+# over 240 steps, then 0.56-0.60 over 200 more with the structure names added, although the
+# region tokens alone tell a nodule's side in 28 of 32 cases.
 radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc \
     --preset demo --steps 3000 --seed 0 --pool mean
 radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
