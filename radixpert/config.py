@@ -98,7 +98,7 @@ class RadixpertConfig:
 
     @property
     def num_patches(self) -> int:
-        """N_p, the number of visual tokens."""
+        """N_p, the number of patch tokens (see num_visual_tokens)."""
         return self.grid_size**2
 
     @property
