@@ -319,12 +319,17 @@ class RadixpertModel(nn.Module):
     def forward(
         self, image: torch.Tensor, reports: list[str], token_weights: list[list[float]] | None = None
     ) -> torch.Tensor:
-        """Mean cross-entropy over the report tokens only.
+        """Mean cross-entropy over the report tokens only (see ``report_loss``)."""
+        return self.report_loss(self.frontend(image)[0], reports, token_weights)
+
+    def report_loss(
+        self, visual_tokens: torch.Tensor, reports: list[str], token_weights: list[list[float]] | None = None
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the report tokens, given the frontend's visual tokens.
 
         ``token_weights`` (one per report token, as ``encode_reports`` splits them) scales each
         token's loss; the mean still divides by the token count, so weight 1 everywhere is the plain loss.
         """
-        visual_tokens, _ = self.frontend(image)
         embeds, mask, labels = self.build_inputs(visual_tokens, self.encode_reports(reports))
         # Logits only where a report token is predicted: the 262k-row output head over the 196
         # visual positions would cost more than the rest of the network and predicts nothing.

@@ -258,10 +258,13 @@ def train_report(
                 targets = [model.template.target(r) for r in reports]
                 weights = side_token_weights(model.tokenizer, targets, settings.side_weight)
             with (contextlib.nullcontext() if sync else runner.no_sync()), _autocast(world.device):
-                loss = runner(images.to(world.device), reports, weights) / settings.grad_accum
-                if probe is not None:
-                    side_loss = probe(model.frontend(images.to(world.device))[0], reports)
-                    loss = loss + settings.side_probe_weight * side_loss / settings.grad_accum
+                if probe is None:
+                    loss = runner(images.to(world.device), reports, weights) / settings.grad_accum
+                else:  # one process (checked above): the frontend runs once for both losses
+                    visual_tokens, _ = model.frontend(images.to(world.device))
+                    side_loss = probe(visual_tokens, reports)
+                    loss = (model.report_loss(visual_tokens, reports, weights)
+                            + settings.side_probe_weight * side_loss) / settings.grad_accum
                     step_side_loss += float(side_loss.detach()) / settings.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
