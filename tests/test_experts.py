@@ -100,6 +100,52 @@ def test_encoder_loss_falls_and_weights_load(phantom_splits, tiny_config, tmp_pa
     assert json.loads((tmp_path / "encoder_metrics.json").read_text())["settings"]["pool"] == pool
 
 
+def test_sided_encoder_targets_name_each_finding_side(phantom_splits):
+    """With --sided, a right-lung finding and a left-lung finding get different targets."""
+    from radixpert.train.experts import FINDINGS, encoder_targets
+    from radixpert.train.report import SIDED_LABELS
+
+    train, _ = phantom_splits
+    study = dataclasses.replace(train[0], report="Derrame pleural derecho. Nódulo en el lóbulo superior izquierdo.",
+                                labels=("pleural effusion", "nodule"))
+    plain, sided = encoder_targets([study], sided=False), encoder_targets([study], sided=True)
+    assert plain.shape == (1, len(FINDINGS)) and np.array_equal(sided[:, : len(FINDINGS)], plain)
+    left_right = dict(zip(SIDED_LABELS, sided[0, len(FINDINGS):].reshape(-1, 2).tolist()))
+    assert left_right["pleural effusion"] == [0.0, 1.0] and left_right["nodule"] == [1.0, 0.0]
+    assert left_right["pneumothorax"] == [0.0, 0.0]
+
+
+def test_sided_encoder_continues_from_earlier_weights(phantom_splits, tiny_config, tmp_path):
+    """--init-from starts from the earlier encoder; the sided head's side AUROC is reported."""
+    train, val = phantom_splits
+    first = ExpertSettings(steps=2, batch_size=4, seed=0, augment=False, eval_every=0)
+    train_encoder(tiny_config, train, val, first, tmp_path / "a")
+    start = tmp_path / "a" / "encoder.safetensors"
+    resumed = dataclasses.replace(first, steps=1, lr=1e-9, sided=True, init_from=str(start))
+    metrics = train_encoder(tiny_config, train, val, resumed, tmp_path / "b")
+    before, after = TinyCNNEncoder(tiny_config), TinyCNNEncoder(tiny_config)
+    load_safetensors_into(before, start, "encoder")
+    load_safetensors_into(after, tmp_path / "b" / "encoder.safetensors", "encoder")
+    torch.manual_seed(0)
+    fresh = TinyCNNEncoder(tiny_config).state_dict()
+    weights = [key for key, value in before.state_dict().items() if key.endswith("weight")]
+    for key in weights:  # BatchNorm running statistics move with any forward pass; the weights barely do
+        torch.testing.assert_close(after.state_dict()[key], before.state_dict()[key], atol=1e-6, rtol=1e-6)
+    assert any(not torch.allclose(fresh[key], before.state_dict()[key], atol=1e-4) for key in weights)
+    assert "side_macro_auroc" in metrics and metrics["settings"]["sided"] is True
+
+
+def test_encoder_refuses_weights_of_another_preset(phantom_splits, tiny_config, tmp_path):
+    train, val = phantom_splits
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"body.0.weight": torch.zeros(1)}, str(wrong))
+    with pytest.raises(InputError) as info:
+        train_encoder(tiny_config, train, val, ExpertSettings(steps=1, init_from=str(wrong)), tmp_path / "c")
+    assert "\n" not in str(info.value) and "same preset" in str(info.value)
+
+
 def test_encoder_refuses_unknown_pooling(phantom_splits, tiny_config, tmp_path):
     train, val = phantom_splits
     with pytest.raises(InputError) as info:

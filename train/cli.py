@@ -208,7 +208,8 @@ def _expert_command(kind: str):
     @click.option("--lr", type=float, default=EXPERT_DEFAULTS[kind][2], show_default=True, help="Learning rate (AdamW).")
     @click.option("--no-augment", is_flag=True, help="Disable augmentation (small affine + contrast; never flips).")
     def command(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed,
-                preset, config_path, overrides, out_dir, steps, batch_size, lr, no_augment, pool="mean-max"):
+                preset, config_path, overrides, out_dir, steps, batch_size, lr, no_augment, pool="mean-max",
+                sided=False, init_from=None):
         from rich.progress import BarColumn, Progress, TextColumn
 
         from radixpert.train import experts
@@ -217,7 +218,7 @@ def _expert_command(kind: str):
         parts, _, _ = load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label,
                                   split_path, seed, out_dir)
         settings = experts.ExpertSettings(steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                          augment=not no_augment, pool=pool)
+                                          augment=not no_augment, pool=pool, sided=sided, init_from=init_from)
         run = experts.train_segmenter if kind == "segmenter" else experts.train_encoder
         with Progress(TextColumn(f"[bold]{kind}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[status]}")) as bar:
@@ -229,14 +230,21 @@ def _expert_command(kind: str):
     command.__doc__ = {
         "segmenter": "Pretrain the U-Net anatomy head on phantom masks; writes segmenter.safetensors and reports "
                      "Dice per structure on held-out patients.",
-        "encoder": "Pretrain the small vision encoder on phantom images (finding presence without side, so it "
-                   "is never handed laterality); writes encoder.safetensors and held-out AUROC.",
+        "encoder": "Pretrain the small vision encoder on phantom images (finding presence, by default without "
+                   "side; --sided adds each finding's side); writes encoder.safetensors and held-out AUROC.",
     }[kind]
     if kind == "encoder":
         command = click.option(
             "--pool", type=click.Choice(["mean-max", "mean"]), default="mean-max", show_default=True,
             help="How the temporary presence head pools the grid. The max keeps small findings (a nodule "
                  "fills one or two of the 14x14 cells) from being averaged away.")(command)
+        command = click.option(
+            "--sided", is_flag=True,
+            help="Also learn each sided finding's side (left/right, read from the report), so a finding's "
+                 "features differ with its lung and the report model can read the side from them.")(command)
+        command = click.option(
+            "--init-from", type=click.Path(dir_okay=False), default=None,
+            help="Start from this encoder.safetensors of an earlier encoder run (the head starts fresh).")(command)
     return cli.command(name=kind)(command)
 
 

@@ -64,6 +64,8 @@ class ExpertSettings:
     augment: bool = True
     eval_every: int = 100  # also evaluated after the last step; <= 0: only then
     pool: str = "mean-max"  # encoder head only: "mean-max" or "mean" (global average alone)
+    sided: bool = False  # encoder head only: also learn each sided finding's side (left / right)
+    init_from: str | None = None  # encoder only: start from this encoder.safetensors
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -282,11 +284,11 @@ POOLS = ("mean-max", "mean")
 class _PresenceProbe(nn.Module):
     """Encoder + temporary head: global pooling (mean, or mean and max), then one linear layer per finding."""
 
-    def __init__(self, config: RadixpertConfig, pool: str):
+    def __init__(self, config: RadixpertConfig, pool: str, outputs: int):
         super().__init__()
         self.pool = pool
         self.encoder = TinyCNNEncoder(config)
-        self.head = nn.Linear(config.vision_dim * (2 if pool == "mean-max" else 1), len(FINDINGS))
+        self.head = nn.Linear(config.vision_dim * (2 if pool == "mean-max" else 1), outputs)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         features = self.encoder(image)
@@ -299,6 +301,16 @@ class _PresenceProbe(nn.Module):
 def presence_targets(studies: list[Study]) -> np.ndarray:
     """(N, F) 0/1 presence of each finding in FINDINGS; localizations are ignored on purpose."""
     return np.array([[float(f in s.labels) for f in FINDINGS] for s in studies], dtype=np.float32)
+
+
+def encoder_targets(studies: list[Study], sided: bool) -> np.ndarray:
+    """Presence targets, then with ``sided`` each sided finding's (left, right) read from the report."""
+    presence = presence_targets(studies)
+    if not sided:
+        return presence
+    from radixpert.train.report import side_targets
+
+    return np.concatenate([presence, side_targets([s.report for s in studies]).numpy()], axis=1)
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
@@ -330,9 +342,26 @@ def _auroc_summary(scores: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
+def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Load an earlier run's ``encoder.safetensors`` into ``encoder``; one clear error if it does not fit."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"encoder weights {path} not found; pass the encoder.safetensors of an earlier encoder run")
+    try:
+        encoder.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"encoder weights {path} do not fit this preset's encoder ({first}); use the same preset") from None
+
+
 def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study], settings: ExpertSettings,
                   out_dir: Path, progress: Progress = None) -> dict:
-    """Pretrain ``TinyCNNEncoder(config)`` on finding presence (no side); save it and held-out AUROC.
+    """Pretrain ``TinyCNNEncoder(config)`` on finding presence; save it and held-out AUROC.
+
+    By default the head learns presence without side. ``settings.sided`` adds a (left, right)
+    output per sided finding, so a finding's features differ with its lung; ``settings.init_from``
+    continues from an earlier encoder (the temporary head starts fresh).
 
     Writes ``out_dir/encoder.safetensors`` (the encoder state dict only; the head is dropped)
     and ``out_dir/encoder_metrics.json``; returns the same metrics. AUROC per finding is None
@@ -351,11 +380,15 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     loaded = time.perf_counter()
     cache = ImageCache(config.image_size)
     train_images, val_images = _stack_images(train, cache), _stack_images(val, cache)
-    train_truth, val_truth = presence_targets(train), presence_targets(val)
+    train_truth = encoder_targets(train, settings.sided)
+    val_truth = presence_targets(val)
+    val_sides = encoder_targets(val, settings.sided)[:, len(FINDINGS):]
     load_seconds = time.perf_counter() - loaded
 
     torch.manual_seed(settings.seed)
-    probe = _PresenceProbe(config, settings.pool)
+    probe = _PresenceProbe(config, settings.pool, train_truth.shape[1])
+    if settings.init_from:
+        load_encoder_weights(probe.encoder, Path(settings.init_from))
     probe.train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=settings.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings.steps))
@@ -378,7 +411,12 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
         train_seconds += time.perf_counter() - started
         row = {"step": step + 1, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
         if _eval_due(step + 1, settings):
-            summary = _auroc_summary(_presence_scores(probe, val_images), val_truth)
+            scores = _presence_scores(probe, val_images)
+            summary = _auroc_summary(scores[:, : len(FINDINGS)], val_truth)
+            if settings.sided:
+                sides = [auroc(scores[:, j], val_sides[:, k]) for k, j in enumerate(range(len(FINDINGS), scores.shape[1]))]
+                defined = [v for v in sides if v is not None]
+                summary["side_macro_auroc"] = round(float(np.mean(defined)), 4) if defined else None
             row["val_macro_auroc"] = summary["macro_auroc"]
             history.append({"step": step + 1, "loss": row["loss"], **summary})
         if progress is not None:
@@ -388,6 +426,7 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     metrics = {
         "auroc": final["auroc"],
         "macro_auroc": final["macro_auroc"],
+        "side_macro_auroc": final.get("side_macro_auroc"),
         "findings": list(FINDINGS),
         "val_prevalence": {f: round(float(p), 4) for f, p in zip(FINDINGS, val_truth.mean(axis=0))},
         "steps": settings.steps,
