@@ -5,11 +5,13 @@ No pretrained chest X-ray weights reach this environment, so the small experts o
 
 * the segmenter (``UNet``, g_seg) learns the K anatomy masks with BCE + soft Dice;
 * the encoder (``TinyCNNEncoder``, f_vis) learns, through a temporary linear head on globally
-  pooled features, which findings are present *without their side*, so laterality has to
-  come from the anatomy branch later (the point of the paper's fusion). The head reads the
-  mean and the max over the grid: a nodule covers one or two of the 196 cells, and a mean alone
-  dilutes it. Demo preset, seed 0, held-out nodule AUROC: 0.70 with the mean (3000 steps);
-  with mean and max, 0.92 at step 3000 and 0.99 at step 5000 of a 5000-step run.
+  pooled features, which findings are present. By default the head is not told their side.
+  The head reads the mean and the max over the grid: a nodule covers one or two of the 196
+  cells, and a mean alone dilutes it. Demo preset, seed 0, held-out nodule AUROC: 0.70 with
+  the mean (3000 steps); with mean and max, 0.92 at step 3000 and 0.99 at step 5000 of a
+  5000-step run. ``sided`` adds a left and a right output per sided finding: a report model
+  reads a finding's side when it is part of that finding's own features, and learned to do so
+  from neither the anatomy masks nor a side-blind encoder in the runs we tried.
 
 Each run writes exactly the module's ``state_dict()`` as safetensors (what ``build_model``
 loads strictly from ``segmenter_path`` / ``encoder_path``) plus a metrics JSON measured on
@@ -37,7 +39,7 @@ from radixpert.imageio import letterbox_resize
 from radixpert.model import TinyCNNEncoder, UNet
 from radixpert.train.data import ImageCache, Study, augment, augment_params
 
-# Finding presence without side: the encoder is never told which lung.
+# Finding presence; the sides, where ``sided`` asks for them, come from the report (side_targets).
 FINDINGS: tuple[str, ...] = ("cardiomegaly", "pleural effusion", "pneumothorax", "nodule", "consolidation")
 
 SEGMENTER_FILE = "segmenter.safetensors"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the demo weights shipped in radixpert/demo/: phantom data from seeds, the two frozen
 # stand-in experts, then the fusion and LoRA on the real Gemma 3 270M. CPU is enough
-# (about 3 hours 20 minutes on 2 cores); a GPU is used when torch sees one.
+# (about 4 hours 45 minutes on 2 cores); a GPU is used when torch sees one.
 #
 #   bash train/recipes/demo.sh [WORKDIR]        # default WORKDIR: demo-work
 #
@@ -16,21 +16,14 @@ radixpert-phantom --n 2000 --seed 0 --size 512 --out data
 radixpert-train split --data data/phantoms.csv --out runs/split --seed 0
 radixpert-train segmenter --data data/phantoms.csv --split runs/split/split.json --out runs/seg \
     --preset demo --steps 600 --seed 0
-# --pool mean: the shipped encoder's presence head averaged the grid. The default, mean-max, sees
-# nodules far better (held-out AUROC 0.99 at 5000 steps; 0.70 for this 3000-step encoder); a report model on it finds
-# them (seed-7 F1 0.97, micro-F1 0.91), but in the one run tried (1600 steps) its reports lost the
-# side (laterality 0.57 against 0.86), although the side is plain in its visual tokens. Until that
-# is solved the demo ships the mean-pooled encoder. Short runs with --side-weight 5 (and
-# --side-probe-weight 0.2) on the mean-max encoder did not bring the side back (teacher-forced side
-# choice 0.51-0.59 against 0.61-0.65 without them, at 200-320 steps), nor did region tokens
-# (--set region_tokens=true, --init-from the 1600-step run, --side-weight 3, lr 5e-4): 0.53-0.66
-# over 240 steps, then 0.56-0.60 over 200 more with the structure names added, although the
-# region tokens alone tell a nodule's side in 28 of 32 cases. The shipped weights read the side
-# from this encoder's features, not from the masks: mirroring the image moves their side logit
-# margin by 2.5 on average, with or without the projector's mask inputs. On the mean-max encoder
-# it moves by 0.07, and it stayed within 0.05 of zero over 40-160 further steps in each variant
-# tried: each lung's side word ("derecho", "izquierdo") added to the patch tokens it covers, with
-# --side-weight 3 or 20, with the LoRA on the MLP as well, or with the visual tokens scaled 4x.
+# The report model first learns on a mean-pooled, side-blind encoder: it learns the report language
+# and reads effusion and pneumothorax sides from it, but misses nodules (held-out nodule AUROC 0.70).
+# A model on a sharper, side-blind encoder (mean-max head) found the nodules but wrote every side at
+# chance: mirroring the image moved its side preference by 0.07 logits, against 2.5 for this one,
+# and no side lever on the report model changed that (side weight up to 20, side words on the lung
+# patches, region tokens, LoRA on the MLP). So the second stage continues this encoder with a
+# mean-max head that also learns each finding's side (--sided; nodule AUROC 0.99, side AUROC 0.995),
+# and the report model continues from step 1400 on it.
 radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc \
     --preset demo --steps 3000 --seed 0 --pool mean
 radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo \
@@ -43,4 +36,16 @@ radixpert-train report --data data/phantoms.csv --split runs/split/split.json --
     --preset demo --steps 1400 --batch-size 4 --lr 1e-3 --warmup-steps 30 --seed 0 \
     --eval-every 200 --save-every 80 --resume \
     --set encoder_path=runs/enc/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
-radixpert-train pack runs/demo --out "$HERE/radixpert/demo"
+radixpert-train encoder --data data/phantoms.csv --split runs/split/split.json --out runs/enc-sided \
+    --preset demo --steps 3000 --seed 0 --pool mean-max --sided --init-from runs/enc/encoder.safetensors
+radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo-sided \
+    --preset demo --steps 500 --batch-size 4 --lr 5e-4 --warmup-steps 20 --seed 0 \
+    --eval-every 100 --save-every 50 --num-samples 16 --side-weight 3 --init-from runs/demo \
+    --set encoder_path=runs/enc-sided/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
+# At step 500 (seed-7 micro-F1 0.89, laterality 0.93) nodules and enlarged hearts were still under-
+# reported, so the run continues to step 800 (--resume; the cosine schedule restarts for the new total).
+radixpert-train report --data data/phantoms.csv --split runs/split/split.json --out runs/demo-sided \
+    --preset demo --steps 800 --batch-size 4 --lr 5e-4 --warmup-steps 20 --seed 0 \
+    --eval-every 100 --save-every 50 --num-samples 8 --side-weight 3 --resume \
+    --set encoder_path=runs/enc-sided/encoder.safetensors --set segmenter_path=runs/seg/segmenter.safetensors
+radixpert-train pack runs/demo-sided --out "$HERE/radixpert/demo"
