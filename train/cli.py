@@ -243,7 +243,7 @@ def _expert_command(kind: str):
             help="Also learn each sided finding's side (left/right, read from the report), so a finding's "
                  "features differ with its lung and the report model can read the side from them.")(command)
         command = click.option(
-            "--init-from", type=click.Path(dir_okay=False), default=None,
+            "--init-from", type=click.Path(exists=True, dir_okay=False), default=None,
             help="Start from this encoder.safetensors of an earlier encoder run (the head starts fresh).")(command)
     return cli.command(name=kind)(command)
 
