@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from radixpert.errors import InputError
+from radixpert.errors import InputError, ModelError
 from radixpert.model import TinyCNNEncoder, UNet, load_safetensors_into
 from radixpert.train.data import ImageCache, patient_split, read_table, select
 from radixpert.train.experts import ExpertSettings, evaluate_segmenter, train_encoder, train_segmenter
@@ -141,9 +141,9 @@ def test_encoder_refuses_weights_of_another_preset(phantom_splits, tiny_config, 
     from safetensors.torch import save_file
 
     save_file({"body.0.weight": torch.zeros(1)}, str(wrong))
-    with pytest.raises(InputError) as info:
+    with pytest.raises(ModelError) as info:
         train_encoder(tiny_config, train, val, ExpertSettings(steps=1, init_from=str(wrong)), tmp_path / "c")
-    assert "\n" not in str(info.value) and "same preset" in str(info.value)
+    assert "\n" not in str(info.value) and "does not fit" in str(info.value)
 
 
 def test_encoder_refuses_unknown_pooling(phantom_splits, tiny_config, tmp_path):

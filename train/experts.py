@@ -36,7 +36,7 @@ from torch import nn
 from radixpert.config import RadixpertConfig
 from radixpert.errors import InputError, UsageError
 from radixpert.imageio import letterbox_resize
-from radixpert.model import TinyCNNEncoder, UNet
+from radixpert.model import TinyCNNEncoder, UNet, load_safetensors_into
 from radixpert.train.data import ImageCache, Study, augment, augment_params
 
 # Finding presence; the sides, where ``sided`` asks for them, come from the report (side_targets).
@@ -344,19 +344,6 @@ def _auroc_summary(scores: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
-    """Load an earlier run's ``encoder.safetensors`` into ``encoder``; one clear error if it does not fit."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise InputError(f"encoder weights {path} not found; pass the encoder.safetensors of an earlier encoder run")
-    try:
-        encoder.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise InputError(f"encoder weights {path} do not fit this preset's encoder ({first}); use the same preset") from None
-
-
 def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study], settings: ExpertSettings,
                   out_dir: Path, progress: Progress = None) -> dict:
     """Pretrain ``TinyCNNEncoder(config)`` on finding presence; save it and held-out AUROC.
@@ -390,7 +377,7 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     torch.manual_seed(settings.seed)
     probe = _PresenceProbe(config, settings.pool, train_truth.shape[1])
     if settings.init_from:
-        load_encoder_weights(probe.encoder, Path(settings.init_from))
+        load_safetensors_into(probe.encoder, settings.init_from, "encoder")
     probe.train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=settings.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings.steps))
