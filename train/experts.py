@@ -335,12 +335,17 @@ def _presence_scores(probe: nn.Module, images: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _macro_auroc(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """Mean AUROC over the columns where ``truth`` holds both classes; None if none does."""
+    defined = [v for j in range(truth.shape[1]) if (v := auroc(scores[:, j], truth[:, j])) is not None]
+    return round(float(np.mean(defined)), 4) if defined else None
+
+
 def _auroc_summary(scores: np.ndarray, truth: np.ndarray) -> dict:
     per_finding = {f: auroc(scores[:, j], truth[:, j]) for j, f in enumerate(FINDINGS)}
-    defined = [v for v in per_finding.values() if v is not None]
     return {
         "auroc": {f: (round(v, 4) if v is not None else None) for f, v in per_finding.items()},
-        "macro_auroc": round(float(np.mean(defined)), 4) if defined else None,
+        "macro_auroc": _macro_auroc(scores, truth),
     }
 
 
@@ -370,8 +375,8 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     cache = ImageCache(config.image_size)
     train_images, val_images = _stack_images(train, cache), _stack_images(val, cache)
     train_truth = encoder_targets(train, settings.sided)
-    val_truth = presence_targets(val)
-    val_sides = encoder_targets(val, settings.sided)[:, len(FINDINGS):]
+    val_targets = encoder_targets(val, settings.sided)
+    val_truth, val_sides = val_targets[:, : len(FINDINGS)], val_targets[:, len(FINDINGS):]
     load_seconds = time.perf_counter() - loaded
 
     torch.manual_seed(settings.seed)
@@ -403,9 +408,7 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
             scores = _presence_scores(probe, val_images)
             summary = _auroc_summary(scores[:, : len(FINDINGS)], val_truth)
             if settings.sided:
-                sides = [auroc(scores[:, j], val_sides[:, k]) for k, j in enumerate(range(len(FINDINGS), scores.shape[1]))]
-                defined = [v for v in sides if v is not None]
-                summary["side_macro_auroc"] = round(float(np.mean(defined)), 4) if defined else None
+                summary["side_macro_auroc"] = _macro_auroc(scores[:, len(FINDINGS):], val_sides)
             row["val_macro_auroc"] = summary["macro_auroc"]
             history.append({"step": step + 1, "loss": row["loss"], **summary})
         if progress is not None:
