@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ MASK_NAMES: tuple[str, ...] = ("right_lung", "left_lung", "heart", "right_clavic
 ENCODERS = ("tiny_cnn", "biovil")
 SEGMENTERS = ("unet",)
 LLM_SOURCES = ("tiny_random", "gemma3_270m_package", "hf_dir")
-IMAGE_ATTENTION = ("causal",)
+# Fields older configs and bundle manifests may still carry; nothing reads them, so loading drops
+# them: image_attention (always "causal", as both HF and llama.cpp attend) and extra (never used).
+REMOVED_FIELDS = ("image_attention", "extra")
 
 
 @dataclass
@@ -88,13 +90,7 @@ class RadixpertConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
-    # Attention over the visual tokens. Causal matches both HF Gemma3ForCausalLM with
-    # inputs_embeds and llama.cpp's default, so train and runtime agree without special cases.
-    image_attention: str = "causal"
-
     max_new_tokens: int = 128
-
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_patches(self) -> int:
@@ -116,7 +112,6 @@ class RadixpertConfig:
             (self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}"),
             (self.segmenter in SEGMENTERS, f"segmenter must be one of {SEGMENTERS}, got {self.segmenter!r}"),
             (self.llm in LLM_SOURCES, f"llm must be one of {LLM_SOURCES}, got {self.llm!r}"),
-            (self.image_attention in IMAGE_ATTENTION, f"image_attention must be one of {IMAGE_ATTENTION}"),
             (self.image_size % self.grid_size == 0, "image_size must be a multiple of grid_size"),
             (len(self.mask_names) == self.num_masks, "mask_names must list num_masks names"),
             (self.use_anatomy or not self.region_tokens, "region_tokens needs use_anatomy (they are read through the masks)"),
@@ -148,6 +143,7 @@ class RadixpertConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RadixpertConfig":
         known = {f.name: f for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k not in REMOVED_FIELDS}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise UsageError(f"unknown config field(s): {', '.join(unknown)}; check the spelling or the version")

@@ -17,6 +17,12 @@ def test_presets_round_trip_through_json(tmp_path, name):
     assert RadixpertConfig.load(path) == config
 
 
+def test_configs_written_before_fields_were_removed_still_load():
+    old = {**get_config("demo").to_dict(), "image_attention": "causal", "extra": {}}
+    assert RadixpertConfig.from_dict(old) == get_config("demo")
+    assert not hasattr(RadixpertConfig(), "image_attention") and not hasattr(RadixpertConfig(), "extra")
+
+
 def test_paper_dimensions_are_fields():
     config = get_config("medgemma-4b")
     assert config.num_patches == 196 and config.grid_size == 14
