@@ -1,13 +1,14 @@
-"""Frontend -> ONNX: one fp32 graph, its parity with PyTorch, static INT8, and the layout timing.
+"""Frontend -> ONNX: one fp32 graph, its parity with PyTorch, and static INT8.
 
 The whole frontend (encoder, U-Net, sigmoid, exact area pooling, Conv1x1, concat, MLP) is
 exported as ONE graph with input "image" [batch, 3, S, S] and outputs "visual_tokens"
-[batch, N_p, D_llm] and "masks" [batch, K, S, S]. ``compare_graph_layouts`` measures it against
-three graphs (encoder, segmenter, fusion) chained in ONNX Runtime; one graph is the layout
-the bundle ships (see the measurement in the docstring there).
+[batch, N_p, D_llm] and "masks" [batch, K, S, S]. One graph rather than three chained ones
+(encoder, segmenter, fusion): measured on the demo preset at batch 1 on 2 CPU threads, the
+single graph was 3-7 % faster in most repeats, and it needs one session, no host round trip of
+the features and maps, and one file to ship and check.
 
 Timings always run in a separate process without torch (``radixpert.runtime.frontend``), never
-next to torch: their thread pools fight (BRIEF section 6).
+next to torch: their thread pools fight (3-20x slowdowns in one process).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import nn
 
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError, UsageError
-from radixpert.model import AnatomyFusion, Frontend
+from radixpert.model import Frontend
 from radixpert.runtime.frontend import CPU, INPUT_NAME, OUTPUT_NAMES, OnnxFrontend, diff_stats
 
 OPSET = 20
@@ -166,44 +167,7 @@ def export_frontend(frontend: Frontend, config: RadixpertConfig, out_path: str |
     return _export(frontend, (example,), [INPUT_NAME], list(OUTPUT_NAMES), Path(out_path), frontend_metadata(config))
 
 
-# --------------------------------------------------------------------------- three graphs
-
-
-class _EncoderGraph(nn.Module):
-    """image -> patch features (B, N_p, D_v), exactly as Frontend.forward flattens them."""
-
-    def __init__(self, frontend: Frontend):
-        super().__init__()
-        self.encoder = frontend.encoder
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(image).flatten(2).transpose(1, 2)
-
-
-class _SegmenterGraph(nn.Module):
-    """image -> sigmoid anatomy maps (B, K, S, S)."""
-
-    def __init__(self, frontend: Frontend):
-        super().__init__()
-        self.segmenter = frontend.segmenter
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.segmenter(image))
-
-
-def export_split_frontend(frontend: Frontend, config: RadixpertConfig, out_dir: str | Path) -> dict[str, Path]:
-    """The same frontend as three graphs: encoder, segmenter, fusion (for the layout measurement)."""
-    out = Path(out_dir)
-    example = _example_images(config, _device(frontend))
-    with _eval_mode(frontend), torch.no_grad():
-        features = frontend.encoder(example).flatten(2).transpose(1, 2).contiguous()
-        masks = torch.sigmoid(frontend.segmenter(example))
-    fusion: AnatomyFusion = frontend.fusion
-    return {
-        "encoder": _export(_EncoderGraph(frontend), (example,), [INPUT_NAME], ["patch_features"], out / "encoder.onnx"),
-        "segmenter": _export(_SegmenterGraph(frontend), (example,), [INPUT_NAME], ["masks"], out / "segmenter.onnx"),
-        "fusion": _export(fusion, (features, masks), ["patch_features", "masks"], ["visual_tokens"], out / "fusion.onnx"),
-    }
+# --------------------------------------------------------------------------- timing
 
 
 def time_isolated(
@@ -229,50 +193,6 @@ def time_isolated(
     if result.pop("_torch_loaded", False):
         raise ModelError("the timing process imported torch, so its numbers would be unreliable")
     return result
-
-
-def compare_graph_layouts(
-    frontend: Frontend,
-    config: RadixpertConfig,
-    out_dir: str | Path,
-    runs: int = 30,
-    warmup: int = 3,
-    threads: int = 2,
-) -> dict[str, Any]:
-    """Median ORT CPU latency, batch 1, of one graph vs three chained graphs (encoder, segmenter, fusion).
-
-    Measured (demo preset, random weights, 2 intra-op threads, median of 30 interleaved rounds,
-    6 repeats on a shared 2-core machine whose load varied about 2x between repeats): the
-    single graph was 3-7 % faster in 5 repeats and 5 % slower in one (e.g. 172.6 vs 178.6 ms,
-    84.4 vs 90.8 ms); the stages were encoder ~15-35, segmenter ~65-140, fusion ~6 ms. The work
-    is the same, so the difference is small; one graph wins on simplicity too (one session, no
-    host round trip of the patch features and maps between sessions, one file to ship and
-    check). The bundle ships the single graph.
-    """
-    out = Path(out_dir)
-    one = export_frontend(frontend, config, out / "frontend.onnx")
-    split = export_split_frontend(frontend, config, out / "split")
-    image = _example_images(config, torch.device("cpu"), batch=1).numpy()
-    timed = time_isolated(
-        {"one_graph": [one], "three_graphs": [split["encoder"], split["segmenter"], split["fusion"]]},
-        image,
-        threads=threads,
-        runs=runs,
-        warmup=warmup,
-    )
-    one_ms, three_ms = timed["one_graph"]["median_ms"], timed["three_graphs"]["median_ms"]
-    stages = dict(zip(("encoder", "segmenter", "fusion"), timed["three_graphs"]["stages_ms"]))
-    return {
-        "preset": config.name,
-        "threads": threads,
-        "runs": runs,
-        "batch": 1,
-        "one_graph_ms": one_ms,
-        "three_graphs_ms": three_ms,
-        "three_graph_stages_ms": stages,
-        "three_over_one": three_ms / one_ms,  # > 1: the single graph is faster
-        "chosen": "one_graph",
-    }
 
 
 # --------------------------------------------------------------------------- parity

@@ -16,11 +16,9 @@ from radixpert.config import get_config
 from radixpert.errors import InputError, ModelError, UsageError
 from radixpert.export.onnx_frontend import (
     export_frontend,
-    export_split_frontend,
     frontend_parity,
     measure_int8,
     quantize_frontend_int8,
-    time_isolated,
 )
 from radixpert.imageio import read_image
 from radixpert.model import Frontend
@@ -161,23 +159,6 @@ def test_int8_refuses_bad_calibration_images(onnx_path, tmp_path):
         quantize_frontend_int8(onnx_path, tmp_path / "q.onnx", np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(ModelError):
         quantize_frontend_int8(tmp_path / "missing.onnx", tmp_path / "q.onnx", np.zeros((1, 3, 8, 8), np.float32))
-
-
-def test_three_graph_layout_equals_one_graph(frontend, config, onnx_path, images, tmp_path):
-    split = export_split_frontend(frontend, config, tmp_path)
-    chain = [split["encoder"], split["segmenter"], split["fusion"]]
-    import onnxruntime as ort
-
-    tensors = {"image": images}
-    for path in chain:
-        session = ort.InferenceSession(str(path), providers=[CPU])
-        outputs = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})
-        tensors.update({o.name: v for o, v in zip(session.get_outputs(), outputs)})
-    tokens, masks = OnnxFrontend(onnx_path).run(images)
-    np.testing.assert_allclose(tensors["visual_tokens"], tokens, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(tensors["masks"], masks, rtol=0, atol=1e-6)
-    timed = time_isolated({"one": [onnx_path], "three": chain}, images[:1], threads=1, runs=1, warmup=0)
-    assert timed["one"]["median_ms"] > 0 and len(timed["three"]["stages_ms"]) == 3
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
