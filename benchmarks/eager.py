@@ -7,7 +7,7 @@
 Image reading and preprocessing are the runtime's own (numpy), so those stages match by design.
 Stage times come from a logits processor that stamps the clock at every generation step: the
 first stamp ends the prefill, the last one the decode. Run it only in a process of its own
-(torch's and ONNX Runtime's thread pools fight: BRIEF section 6).
+(torch's and ONNX Runtime's thread pools fight when they share one).
 """
 
 from __future__ import annotations

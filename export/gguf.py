@@ -45,9 +45,9 @@ WRITE_DTYPES = ("f32", "f16")
 # Quantizations done by llama.cpp from an f16/f32 GGUF, keyed by our name.
 _LLAMA_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 QUANTS: tuple[str, ...] = (*WRITE_DTYPES, *_LLAMA_FTYPES)
-# f16 is the audit copy: it matches HF fp32 to cosine ~1 (BRIEF §5), so a parity failure points
+# f16 is the audit copy: it matches HF fp32 to cosine ~1, so a parity failure points
 # at the export, not at quantization noise. q4_k_m is the one we deploy: the fastest measured
-# (3.6x HF eager on the 270M, BRIEF §4) with logit cosine >= 0.9999 vs HF fp32. q8_0 stays
+# (3.6x HF eager on the 270M) with logit cosine >= 0.9999 vs HF fp32. q8_0 stays
 # available on request; it is neither the reference nor the fastest.
 DEFAULT_QUANTS: tuple[str, ...] = ("f16", "q4_k_m")
 
