@@ -21,9 +21,10 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,19 @@ from radixpert.errors import ModelError, RadixpertError, UsageError
 from radixpert.paths import cache_dir
 from radixpert.prompt import DEFAULT_TEMPLATE
 
-SHAPES = ("medgemma-4b",)
+# Text shapes of real Gemma 3 checkpoints, keyed by the preset that uses them.
+SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
+    "medgemma-4b": dict(
+        vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+    ),
+}
+SHAPES = tuple(SYNTHETIC_SHAPES)
 QUANTS = ("q4_k_m", "q8_0", "f16")
 Step = Callable[[str], Any]  # a context manager factory: with step("what"): ...
 
@@ -55,7 +68,6 @@ def hf_folder(llm: str, cache: Path) -> Path:
     if _hf_complete(out):
         return out
     _need_export_extra()
-    from radixpert.export.gguf import build_synthetic_text_model
     from radixpert.llm import load_gemma3_270m
 
     partial = out.with_name(out.name + ".partial")
@@ -72,6 +84,73 @@ def _hf_complete(folder: Path) -> bool:
         return False
     shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
     return all((folder / s).is_file() for s in shards)
+
+
+def build_synthetic_text_model(out_dir: Path, shape: str | Mapping[str, Any] = "medgemma-4b", tokenizer_dir: Path | None = None,
+                               seed: int = 0, shard_bytes: int = 2 << 30) -> Path:
+    """A random Gemma3ForCausalLM folder of a real model's shape, in fp16, written shard by shard.
+
+    ``shape`` is a key of SYNTHETIC_SHAPES or a dict of Gemma3TextConfig fields. The tokenizer
+    files are copied from ``tokenizer_dir`` (e.g. the Gemma 3 270M folder: same tokenizer as
+    MedGemma). Weights never exist all at once in memory: at most one shard (``shard_bytes``).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma3TextConfig
+
+    if isinstance(shape, str) and shape not in SYNTHETIC_SHAPES:
+        raise UsageError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SYNTHETIC_SHAPES)}")
+    fields = dict(SYNTHETIC_SHAPES[shape] if isinstance(shape, str) else shape)
+    n_layers = int(fields["num_hidden_layers"])
+    fields.setdefault("layer_types", ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)])
+    config = Gemma3TextConfig(**fields, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                              architectures=["Gemma3ForCausalLM"], dtype="float16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, out / name)
+
+    d, f, q, kv = config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (config.vocab_size, d))]
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + "self_attn.q_proj.weight", (q, d)), (p + "self_attn.k_proj.weight", (kv, d)),
+                   (p + "self_attn.v_proj.weight", (kv, d)), (p + "self_attn.o_proj.weight", (d, q)),
+                   (p + "self_attn.q_norm.weight", (config.head_dim,)), (p + "self_attn.k_norm.weight", (config.head_dim,)),
+                   (p + "mlp.gate_proj.weight", (f, d)), (p + "mlp.up_proj.weight", (f, d)), (p + "mlp.down_proj.weight", (d, f))]
+        shapes += [(p + n + ".weight", (d,)) for n in ("input_layernorm", "post_attention_layernorm",
+                                                       "pre_feedforward_layernorm", "post_feedforward_layernorm")]
+    shapes.append(("model.norm.weight", (d,)))
+
+    # Shards first (names only), so that the index can name "-00001-of-0000N" files up front.
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, dims in shapes:
+        nbytes = 2 * math.prod(dims)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims))
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        state = {}
+        for name, dims in shard:
+            # Norm weights near 0 (scale ~1 in Gemma's 1 + w), matrices at the usual 0.02 init.
+            std = 0.1 if len(dims) == 1 else config.initializer_range
+            state[name] = (torch.randn(dims, generator=generator, dtype=torch.float32) * std).to(torch.float16)
+            weight_map[name] = file
+        save_file(state, str(out / file), metadata={"format": "pt"})
+        del state
+    total = sum(2 * math.prod(dims) for _, dims in shapes)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return out
 
 
 def gguf_file(llm: str, quant: str, hf_dir: Path, cache: Path, threads: int | None) -> Path:

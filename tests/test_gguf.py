@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
 
+from radixpert.benchmarks.synthetic import build_synthetic_text_model  # noqa: E402
 from radixpert.config import get_config  # noqa: E402
 from radixpert.errors import ModelError, UsageError  # noqa: E402
 from radixpert.export import gguf as export  # noqa: E402
@@ -451,7 +452,7 @@ def test_synthetic_text_model_builder_writes_a_sharded_folder_that_converts(tiny
     folder = tiny[0]
     shape = dict(vocab_size=len(tiny[2]) + 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=16, max_position_embeddings=512)
-    out = export.build_synthetic_text_model(tmp_path / "synthetic", shape, tokenizer_dir=folder, shard_bytes=64 << 10)
+    out = build_synthetic_text_model(tmp_path / "synthetic", shape, tokenizer_dir=folder, shard_bytes=64 << 10)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     done = []
