@@ -68,7 +68,7 @@ def hf_folder(llm: str, cache: Path) -> Path:
     if _hf_complete(out):
         return out
     _need_export_extra()
-    from radixpert.llm import load_gemma3_270m
+    from radixpert.hf_models import load_gemma3_270m
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -83,7 +83,7 @@ def pretrain_text_llm(config, reports: list[str], settings: AblationSettings, fo
 
     import torch
 
-    from radixpert.llm import load_llm
+    from radixpert.hf_models import load_llm
     from radixpert.prompt import DEFAULT_TEMPLATE
 
     if (folder / "config.json").exists():

@@ -382,7 +382,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def build_model(config: RadixpertConfig, template: PromptTemplate = DEFAULT_TEMPLATE) -> RadixpertModel:
     """The full model for a config: experts loaded from their paths if given, LLM with LoRA
     (or, with ``use_lora`` off, the LLM frozen as it is)."""
-    from radixpert.llm import check_llm_shape, load_llm
+    from radixpert.hf_models import check_llm_shape, load_llm
 
     config.validate()
     torch.manual_seed(config.seed)

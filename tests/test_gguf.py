@@ -22,7 +22,7 @@ from radixpert.benchmarks.synthetic import build_synthetic_text_model  # noqa: E
 from radixpert.config import get_config  # noqa: E402
 from radixpert.errors import ModelError, UsageError  # noqa: E402
 from radixpert.export import gguf as export  # noqa: E402
-from radixpert.llm import build_tiny_llm, gemma3_layer_types, load_hf_text_model  # noqa: E402
+from radixpert.hf_models import build_tiny_llm, gemma3_layer_types, load_hf_text_model  # noqa: E402
 from radixpert.prompt import DEFAULT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
 from radixpert.tokenizer import _CORPUS, build_tiny_tokenizer  # noqa: E402
 

@@ -35,7 +35,7 @@ def _tiny_vlm(tmp_path):
     """A random Gemma3ForConditionalGeneration saved like MedGemma-4b-it (text + vision tower)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
-    from radixpert.llm import build_tiny_llm
+    from radixpert.hf_models import build_tiny_llm
 
     text = build_tiny_llm(get_config("tiny"), vocab_size=700).config
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -53,7 +53,7 @@ def _tiny_vlm(tmp_path):
 
 
 def test_text_half_of_a_gemma3_vlm_folder_matches_the_vlm(tmp_path):
-    from radixpert.llm import load_hf_text_model
+    from radixpert.hf_models import load_hf_text_model
 
     vlm = _tiny_vlm(tmp_path)
     text_model = load_hf_text_model(tmp_path / "vlm")
@@ -65,7 +65,7 @@ def test_text_half_of_a_gemma3_vlm_folder_matches_the_vlm(tmp_path):
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    from radixpert.llm import load_hf_text_model
+    from radixpert.hf_models import load_hf_text_model
 
     with pytest.raises(ModelError, match="config.json"):
         load_hf_text_model(tmp_path)

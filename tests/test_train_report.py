@@ -79,7 +79,7 @@ def test_experts_and_base_llm_are_bit_identical_after_training(full_run, experts
     for module, path in zip((model.frontend.encoder, model.frontend.segmenter), experts):
         saved = load_file(path)
         assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
-    from radixpert.llm import load_llm
+    from radixpert.hf_models import load_llm
 
     base, _ = load_llm(config)
     trained = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
