@@ -155,7 +155,7 @@ def build_synthetic_text_model(out_dir: Path, shape: str | Mapping[str, Any] = "
 
 def gguf_file(llm: str, quant: str, hf_dir: Path, cache: Path, threads: int | None) -> Path:
     """``synthetic-<llm>-gguf/<quant>.gguf``: f16 from our writer, quantized by llama.cpp."""
-    from radixpert.benchmarks.bound import check_complete, read_gguf
+    from radixpert.export.gguf_read import check_complete, read_gguf
 
     folder = cache / f"synthetic-{llm}-gguf"
     out = folder / f"{quant}.gguf"

@@ -17,6 +17,7 @@ from radixpert.benchmarks import bound
 from radixpert.benchmarks.bandwidth import at_threads, cpu_read_bandwidth
 from radixpert.benchmarks.cli import main
 from radixpert.benchmarks.stages import RUNTIME_STAGES, stats, within_spread
+from radixpert.export.gguf_read import GgufInfo, GgufTensor, check_complete, read_gguf
 from radixpert.errors import ModelError
 
 FAST = ["--warmup", "1", "--repeats", "2", "--tokens", "6", "--threads", "2", "--bandwidth-mib", "16"]
@@ -144,14 +145,14 @@ def test_decode_bound_math_on_known_numbers():
     meta = {"general.architecture": "gemma3", "gemma3.block_count": 2, "gemma3.attention.head_count": 4,
             "gemma3.attention.head_count_kv": 1, "gemma3.embedding_length": 64, "gemma3.attention.key_length": 32,
             "gemma3.attention.value_length": 32}
-    embed = bound.GgufTensor("token_embd.weight", 8, (64, 1000), 1000 * 2 * 34)  # q8_0: 2 blocks of 34 bytes a row
-    layer = bound.GgufTensor("blk.0.ffn_up.weight", 1, (64, 128), 64 * 128 * 2)
-    tied = bound.bytes_per_token(bound.GgufInfo(Path("x"), meta, [embed, layer]), positions=10)
+    embed = GgufTensor("token_embd.weight", 8, (64, 1000), 1000 * 2 * 34)  # q8_0: 2 blocks of 34 bytes a row
+    layer = GgufTensor("blk.0.ffn_up.weight", 1, (64, 128), 64 * 128 * 2)
+    tied = bound.bytes_per_token(GgufInfo(Path("x"), meta, [embed, layer]), positions=10)
     # Tied: the whole table as the output head, plus one looked-up row; KV = 2 layers x 1 head x (32+32) x 2 bytes.
     assert tied["weights"] == 68_000 + 16_384 + 68
     assert tied["kv_per_position"] == 256 and tied["kv"] == 2560 and tied["total"] == 68_000 + 16_384 + 68 + 2560
-    head = bound.GgufTensor("output.weight", 1, (64, 1000), 64 * 1000 * 2)
-    untied = bound.bytes_per_token(bound.GgufInfo(Path("x"), meta, [embed, layer, head]), positions=10)
+    head = GgufTensor("output.weight", 1, (64, 1000), 64 * 1000 * 2)
+    untied = bound.bytes_per_token(GgufInfo(Path("x"), meta, [embed, layer, head]), positions=10)
     assert untied["weights"] == 16_384 + 128_000 + 68 and untied["output_head"] == 128_000
 
 
@@ -159,8 +160,8 @@ def test_gguf_reader_agrees_with_the_gguf_package(bundle):
     gguf = pytest.importorskip("gguf")
     for quant in ("f32", "f16", "q8_0"):
         path = bundle[0] / f"llm-{quant}.gguf"
-        mine = bound.read_gguf(path)
-        bound.check_complete(mine)
+        mine = read_gguf(path)
+        check_complete(mine)
         theirs = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
         assert {t.name: t.nbytes for t in mine.tensors} == theirs
         assert mine.data_end == path.stat().st_size
@@ -172,10 +173,10 @@ def test_a_truncated_gguf_is_refused(bundle, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) - 1000])
     with pytest.raises(ModelError, match="truncated"):
-        bound.check_complete(bound.read_gguf(cut))
+        check_complete(read_gguf(cut))
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 8)
     with pytest.raises(ModelError):
-        bound.read_gguf(tmp_path / "junk.gguf")
+        read_gguf(tmp_path / "junk.gguf")
 
 
 def test_cpu_bandwidth_is_measured_per_thread_count():
