@@ -158,15 +158,14 @@ HELD_OUT_SEED = 777
 def phantom_reports(seed: int, n: int):
     """(report, findings) of phantoms without rendering images (50x faster than generate_sample).
 
-    Uses the generator's own private draws; test_phantom_shortcut_matches_generate_sample
+    Uses the generator's own draws; test_phantom_shortcut_matches_generate_sample
     proves they give the same findings and sentences as the full generator.
     """
-    from radixpert import phantom as P
+    from radixpert.phantom import sample_findings, spanish_report
 
     for i in range(n):
-        findings = P._sample_findings(P._rng(seed, i, P._TAG_FINDINGS))
-        info = {"ctr": 0.57, "eff_small": False, "nod_mm": 10}
-        yield P._report(findings, P._rng(seed, i, P._TAG_REPORT), info), findings
+        findings = sample_findings(seed, i)
+        yield spanish_report(findings, seed, i), findings
 
 
 def _without_numbers(text: str) -> str:

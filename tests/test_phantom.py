@@ -16,9 +16,19 @@ from click.testing import CliRunner
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from radixpert import phantom as ph
 from radixpert.errors import UsageError
-from radixpert.phantom import MASK_NAMES, Finding, generate_sample, read_masks, write_dataset
+from radixpert.phantom import (
+    MASK_NAMES,
+    Finding,
+    generate_sample,
+    labels_and_localizations,
+    main,
+    read_masks,
+    sample_findings,
+    spanish_report,
+    stored_values,
+    write_dataset,
+)
 
 SIZE = 256
 PADCHEST_LABELS = {"normal", "cardiomegaly", "pleural effusion", "pneumothorax", "nodule", "consolidation"}
@@ -233,17 +243,28 @@ def test_reports_agree_with_labels_many_draws() -> None:
     """Report logic alone over many draws: every template and negation gets exercised."""
     texts = set()
     for k in range(1500):
-        findings = ph._sample_findings(ph._rng(99, k, 2))
-        labels, _ = ph._labels_and_localizations(findings)
-        info = {"ctr": 0.58, "eff_small": bool(k % 2), "nod_mm": 15}
-        report = ph._report(findings, ph._rng(99, k, 5), info)
+        findings = sample_findings(99, k)
+        labels, _ = labels_and_localizations(findings)
+        report = spanish_report(findings, 99, k, ctr=0.58, small_effusion=bool(k % 2), nodule_mm=15)
         _check_report(report, findings, labels)
         texts.add(report)
     assert len(texts) > 1200  # varied phrasing
 
 
+def test_shortcuts_match_generate_sample() -> None:
+    """Findings, labels and report text without rendering agree with the rendered study."""
+    def words(text: str) -> str:  # the shortcut does not measure the image: numbers may differ
+        return re.sub(r"\d+(?:,\d+)?|pequeña|moderada", "#", text)
+
+    for index in range(6):
+        s = generate_sample(21, index, SIZE)
+        assert sample_findings(21, index) == s.findings
+        assert labels_and_localizations(s.findings) == (s.labels, s.localizations)
+        assert words(spanish_report(s.findings, 21, index)) == words(s.report)
+
+
 def test_normal_reports_are_varied_and_accented() -> None:
-    normals = {ph._report([], ph._rng(1, k), {}) for k in range(200)}
+    normals = {spanish_report([], 1, k) for k in range(200)}
     assert len(normals) > 50
     joined = " ".join(normals)
     assert "á" in joined or "í" in joined or "ó" in joined
@@ -251,7 +272,7 @@ def test_normal_reports_are_varied_and_accented() -> None:
 
 
 def test_prevalence_and_co_occurrence() -> None:
-    draws = [ph._sample_findings(ph._rng(42, k, 2)) for k in range(3000)]
+    draws = [sample_findings(42, k) for k in range(3000)]
     normal = np.mean([not d for d in draws])
     assert 0.28 < normal < 0.42
     labels = [{f.label for f in d} for d in draws]
@@ -307,7 +328,7 @@ def test_every_variant_appears_and_decodes_losslessly(ds_a: Path) -> None:
         assert ds.PresentationLUTShape == ("INVERSE" if ds.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY")
         sample = generate_sample(7, i, SIZE)
         arr = ds.pixel_array
-        np.testing.assert_array_equal(arr, ph._stored_values(sample, sample.meta["variant"]))  # lossless
+        np.testing.assert_array_equal(arr, stored_values(sample))  # lossless
         rescaled = apply_modality_lut(arr, ds)
         expected = sample.image if ds.PhotometricInterpretation == "MONOCHROME2" else sample.meta["variant"].top - sample.image
         np.testing.assert_allclose(rescaled, expected)
@@ -351,7 +372,7 @@ def test_uids_are_deterministic_and_distinct(ds_a: Path, ds_b: Path) -> None:
 
 def test_cli_writes_all_outputs(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    result = CliRunner().invoke(ph.main, ["--n", "2", "--seed", "3", "--out", str(out), "--size", "256",
+    result = CliRunner().invoke(main, ["--n", "2", "--seed", "3", "--out", str(out), "--size", "256",
                                           "--preview", "--workers", "1"])
     assert result.exit_code == 0, result.output
     rows = _rows(out / "phantoms.csv")
@@ -372,7 +393,7 @@ def test_cli_writes_all_outputs(tmp_path: Path) -> None:
 ])
 def test_cli_bad_arguments_give_one_line(args: list[str], tmp_path: Path) -> None:
     args = [str(tmp_path / "o") if a == "X" else a for a in args]
-    result = CliRunner().invoke(ph.main, args)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("radixpert-phantom: error:"), err
@@ -383,7 +404,7 @@ def test_cli_bad_arguments_give_one_line(args: list[str], tmp_path: Path) -> Non
 def test_cli_refuses_a_file_as_output_folder(tmp_path: Path) -> None:
     target = tmp_path / "file.txt"
     target.write_text("x")
-    result = CliRunner().invoke(ph.main, ["--n", "1", "--out", str(target), "--size", "256"])
+    result = CliRunner().invoke(main, ["--n", "1", "--out", str(target), "--size", "256"])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
 
 

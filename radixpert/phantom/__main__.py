@@ -1,0 +1,5 @@
+"""``python -m radixpert.phantom``: the same as ``radixpert-phantom``."""
+
+from radixpert.phantom.cli import main
+
+main()
