@@ -166,7 +166,8 @@ def ablation(csv_path, out_dir, preset, steps, batch_size, lr, warmup_steps, see
              encoder_path, segmenter_path, llm_pretrain_steps, test_limit, max_new_tokens) -> None:
     """Train base (projector only), +LoRA and +anatomy (full) alike; score them on the same test studies."""
     require_metric_libraries()
-    from radixpert.evaluation.ablation import AblationSettings, run_ablation
+    from radixpert.evaluation.ablation import run_ablation
+    from radixpert.train.ablation import AblationSettings
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
