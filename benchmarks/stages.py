@@ -21,7 +21,6 @@ from radixpert.errors import UsageError
 # token's logits (runtime: prefix + visual prefill + suffix; eager: one forward over the prompt).
 RUNTIME_STAGES = ("read_ms", "preprocess_ms", "frontend_ms", "prefix_ms", "visual_prefill_ms", "first_token_ms",
                   "decode_ms")
-COMMON_STAGES = ("read_ms", "preprocess_ms", "frontend_ms", "prefill_ms", "ttft_ms", "decode_ms", "total_ms")
 CHART_STAGES = ("read_ms", "preprocess_ms", "frontend_ms", "prefill_ms", "decode_ms")
 
 
@@ -55,12 +54,13 @@ class RuntimeEngine:
     """The exported chain, exactly as radixpert-run drives it."""
 
     def __init__(self, bundle_dir: str | Path, threads: int | None = None, quant: str | None = None,
-                 providers: list[str] | None = None, gpu_layers: int | None = None):
+                 providers: list[str] | None = None, gpu_layers: int | None = None, frontend: str = "fp32"):
         from radixpert.runtime.pipeline import Reporter
 
         started = time.perf_counter()
         self.bundle = load_bundle(bundle_dir)
-        self.reporter = Reporter(self.bundle, providers=providers, threads=threads, quant=quant, gpu_layers=gpu_layers)
+        self.reporter = Reporter(self.bundle, providers=providers, threads=threads, quant=quant, gpu_layers=gpu_layers,
+                                 frontend_variant=frontend)
         self.load_ms = (time.perf_counter() - started) * 1e3
 
     def report(self, path: str, tokens: int) -> tuple[dict[str, float], list[int]]:

@@ -22,11 +22,9 @@ permutation per epoch and per-sample augmentation seeds from :func:`augment_para
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +36,7 @@ from radixpert.errors import InputError, UsageError
 from radixpert.imageio import letterbox_resize
 from radixpert.model import TinyCNNEncoder, UNet, load_safetensors_into
 from radixpert.train.data import ImageCache, Study, augment, augment_params
+from radixpert.train.loop import Pick, Progress, run_steps
 
 # Finding presence; the sides, where ``sided`` asks for them, come from the report (side_targets).
 FINDINGS: tuple[str, ...] = ("cardiomegaly", "pleural effusion", "pneumothorax", "nodule", "consolidation")
@@ -45,8 +44,6 @@ FINDINGS: tuple[str, ...] = ("cardiomegaly", "pleural effusion", "pneumothorax",
 SEGMENTER_FILE = "segmenter.safetensors"
 ENCODER_FILE = "encoder.safetensors"
 _EVAL_BATCH = 16
-
-Progress = Callable[[dict], None] | None
 
 
 @dataclass
@@ -71,25 +68,6 @@ class ExpertSettings:
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-def _sample_stream(num_items: int, seed: int) -> Iterator[tuple[int, int]]:
-    """Endless (epoch, item) pairs: a fresh seeded permutation per epoch."""
-    epoch = 0
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(num_items)
-        for item in order:
-            yield epoch, int(item)
-        epoch += 1
-
-
-def _lr_factor(step: int, steps: int) -> float:
-    """Short linear warmup, then cosine decay to 5 % of the peak."""
-    warmup = max(1, min(20, steps // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _stack_images(studies: list[Study], cache: ImageCache) -> np.ndarray:
@@ -117,10 +95,6 @@ def _save_state(module: nn.Module, path: Path, what: str) -> None:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _eval_due(done: int, settings: ExpertSettings) -> bool:
-    return done == settings.steps or (settings.eval_every > 0 and done % settings.eval_every == 0)
 
 
 # --------------------------------------------------------------------------- segmenter
@@ -225,16 +199,10 @@ def train_segmenter(config: RadixpertConfig, train: list[Study], val: list[Study
     model = UNet(config)
     untrained = _dice_summary(config, dice_scores(model, val_images, val_masks))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings.steps))
-    stream = _sample_stream(len(train), settings.seed)
-    history: list[dict] = []
-    train_seconds = 0.0
-    for step in range(settings.steps):
-        started = time.perf_counter()
+
+    def batch_loss(picks: list[Pick]) -> torch.Tensor:
         xs, ys = [], []
-        for _ in range(settings.batch_size):
-            epoch, item = next(stream)
+        for epoch, item in picks:
             x = torch.from_numpy(train_images[item].astype(np.float32))
             y = torch.from_numpy(train_masks[item].astype(np.float32))
             if settings.augment:
@@ -244,20 +212,12 @@ def train_segmenter(config: RadixpertConfig, train: list[Study], val: list[Study
             ys.append(y)
         images, target = torch.stack(xs), torch.stack(ys)
         logits = model(images)
-        loss = F.binary_cross_entropy_with_logits(logits, target) + _soft_dice_loss(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        train_seconds += time.perf_counter() - started
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
-        if _eval_due(step + 1, settings):
-            summary = _dice_summary(config, dice_scores(model, val_images, val_masks))
-            row["val_mean_dice"] = summary["mean_dice"]
-            history.append({"step": step + 1, "loss": row["loss"], **summary})
-        if progress is not None:
-            progress(row)
+        return F.binary_cross_entropy_with_logits(logits, target) + _soft_dice_loss(logits, target)
 
+    history, train_seconds = run_steps(
+        model.parameters(), settings, len(train), batch_loss,
+        lambda: _dice_summary(config, dice_scores(model, val_images, val_masks)), ("val_mean_dice", "mean_dice"), progress,
+    )
     final = history[-1]  # the last step is always evaluated
     metrics = {
         "dice": final["dice"],
@@ -384,36 +344,24 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     if settings.init_from:
         load_safetensors_into(probe.encoder, settings.init_from, "encoder")
     probe.train()
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=settings.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, settings.steps))
-    stream = _sample_stream(len(train), settings.seed)
-    history: list[dict] = []
-    train_seconds = 0.0
-    for step in range(settings.steps):
-        started = time.perf_counter()
+
+    def batch_loss(picks: list[Pick]) -> torch.Tensor:
         xs, ys = [], []
-        for _ in range(settings.batch_size):
-            epoch, item = next(stream)
+        for epoch, item in picks:
             x = torch.from_numpy(train_images[item].astype(np.float32))
             xs.append(augment(x, augment_params(settings.seed, epoch, item)) if settings.augment else x)
             ys.append(torch.from_numpy(train_truth[item]))
-        loss = F.binary_cross_entropy_with_logits(probe(torch.stack(xs)), torch.stack(ys))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        train_seconds += time.perf_counter() - started
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
-        if _eval_due(step + 1, settings):
-            scores = _presence_scores(probe, val_images)
-            summary = _auroc_summary(scores[:, : len(FINDINGS)], val_truth)
-            if settings.sided:
-                summary["side_macro_auroc"] = _macro_auroc(scores[:, len(FINDINGS):], val_sides)
-            row["val_macro_auroc"] = summary["macro_auroc"]
-            history.append({"step": step + 1, "loss": row["loss"], **summary})
-        if progress is not None:
-            progress(row)
+        return F.binary_cross_entropy_with_logits(probe(torch.stack(xs)), torch.stack(ys))
 
+    def evaluate() -> dict:
+        scores = _presence_scores(probe, val_images)
+        summary = _auroc_summary(scores[:, : len(FINDINGS)], val_truth)
+        if settings.sided:
+            summary["side_macro_auroc"] = _macro_auroc(scores[:, len(FINDINGS):], val_sides)
+        return summary
+
+    history, train_seconds = run_steps(probe.parameters(), settings, len(train), batch_loss, evaluate,
+                                       ("val_macro_auroc", "macro_auroc"), progress)
     final = history[-1]  # the last step is always evaluated
     metrics = {
         "auroc": final["auroc"],

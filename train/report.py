@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import time
@@ -31,6 +30,7 @@ from radixpert.train.checkpoint import (
     write_checksums,
 )
 from radixpert.train.data import ImageCache, Study, augment, augment_params
+from radixpert.train.schedule import warmup_cosine
 
 
 @dataclass
@@ -142,18 +142,6 @@ def sample_positions(num_items: int, seed: int, step: int, per_step: int) -> lis
     return out
 
 
-def lr_lambda(settings: TrainSettings):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-
-    def factor(step: int) -> float:
-        if step < settings.warmup_steps:
-            return (step + 1) / settings.warmup_steps
-        progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _batch(studies: list[Study], cache: ImageCache, picks: list[tuple[int, int, int]], seed: int, do_augment: bool):
     images, reports = [], []
     for epoch, position, item in picks:
@@ -222,7 +210,9 @@ def train_report(
     probe = SideProbe(config.llm_dim).to(world.device) if settings.side_probe_weight > 0 else None
     trainable = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+    # Linear warmup, then cosine decay to 10 % of the peak.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, settings.steps, settings.warmup_steps, 0.1))
     metrics_path = out_dir / "metrics.jsonl"
     start_step = 0
     if resume and (checkpoint := latest_checkpoint(out_dir)) is not None:
