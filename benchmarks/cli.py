@@ -2,46 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from radixpert.errors import EXIT_INTERNAL, ModelError, RadixpertError, UsageError
+from radixpert.errors import ModelError, UsageError, cli_errors
 
 SCAN_SIZE = 2048  # default phantoms: the size of a typical digital chest radiograph
-
-
-def _guard(command: Callable[..., None]) -> Callable[..., None]:
-    """One-line errors with the documented exit codes (RADIXPERT_DEBUG=1 shows tracebacks)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from rich.console import Console
-
-        err = Console(stderr=True, highlight=False, soft_wrap=True)
-        try:
-            command(*args, **kwargs)
-        except RadixpertError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            sys.exit(130)
-        except Exception as exc:
-            if os.environ.get("RADIXPERT_DEBUG"):
-                raise
-            err.print(f"[red]internal error:[/red] {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
-                      "please report it")
-            sys.exit(EXIT_INTERNAL)
-
-    return wrapper
 
 
 def _options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,6 +37,8 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
                                                         "cuda, cpu, those available]."),
         click.option("--gpu-layers", type=int, default=None, help="LLM layers offloaded to the GPU [default: all if this "
                                                                   "llama.cpp build has GPU support, else 0]."),
+        click.option("--frontend", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+                     help="Runtime frontend: fp32, or the INT8 one of a bundle exported with radixpert-export --int8."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
                      help="Folder for result.json, result.md and stages.png [default: bench-results/<command>-<name>]."),
         click.option("--bandwidth-mib", type=click.IntRange(16, 1 << 16), default=1024, show_default=True,
@@ -95,7 +69,7 @@ def main() -> None:
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
 @click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
 @_options
-@_guard
+@cli_errors()
 def run(bundle_dir: str, quant: str | None, **common: Any) -> None:
     """Time every stage of the exported runtime (ONNX Runtime + llama.cpp) on this machine.
 
@@ -113,7 +87,7 @@ def run(bundle_dir: str, quant: str | None, **common: Any) -> None:
 @click.option("--quant", default=None, help="Which LLM file of the bundle the runtime uses [default: the bundle's default].")
 @click.option("--device", default=None, help="Device of the eager side, cpu or cuda [default: cuda if torch sees one].")
 @_options
-@_guard
+@cli_errors()
 def compare(bundle_dir: str, quant: str | None, device: str | None, **common: Any) -> None:
     """The runtime against the PyTorch eager reference: same weights, scans and token count.
 
@@ -155,7 +129,7 @@ def compare(bundle_dir: str, quant: str | None, device: str | None, **common: An
 @click.option("--quant", default="q4_k_m", show_default=True, type=click.Choice(["q4_k_m", "q8_0", "f16"]),
               help="LLM quantization to build and time.")
 @_options
-@_guard
+@cli_errors()
 def synthetic(llm: str, quant: str, **common: Any) -> None:
     """The full-size model with random weights, before anything is trained.
 
@@ -180,7 +154,7 @@ def synthetic(llm: str, quant: str, **common: Any) -> None:
 @main.command()
 @click.argument("first", type=click.Path(exists=True, dir_okay=False))
 @click.argument("second", type=click.Path(exists=True, dir_okay=False))
-@_guard
+@cli_errors()
 def diff(first: str, second: str) -> None:
     """Compare two result.json files of the same command: is each median inside the other's min–max spread?"""
     from rich.console import Console
@@ -276,7 +250,7 @@ def _prepare(bundle_dir: str, quant: str | None, command: str, title: str | None
     from radixpert.benchmarks.bandwidth import cpu_read_bandwidth, gpu_read_bandwidth_isolated
     from radixpert.benchmarks.stages import check_tokens
     from radixpert.bundle import load_bundle
-    from radixpert.runtime.frontend import parse_providers
+    from radixpert.runtime.frontend import frontend_path, parse_providers
 
     bundle = load_bundle(bundle_dir)
     quant = quant or bundle.manifest["llm"]["default_quant"]
@@ -299,10 +273,12 @@ def _prepare(bundle_dir: str, quant: str | None, command: str, title: str | None
     cpu_bw = cpu_read_bandwidth(threads, nbytes=common["bandwidth_mib"] << 20)
     gpu_bw = gpu_read_bandwidth_isolated()
     providers = parse_providers(common["providers"]) if common["providers"] else None
+    frontend_path(bundle, common["frontend"])  # a one-line UsageError for int8 on a bundle without it
     spec = {"bundle": str(Path(bundle_dir).resolve()), "scans": scans, "warmup": warmup, "repeats": repeats,
             "tokens": common["tokens"], "threads": threads, "quant": quant, "providers": providers,
-            "gpu_layers": common["gpu_layers"]}
-    params = {**{k: spec[k] for k in ("scans", "warmup", "repeats", "tokens", "threads", "quant")}, "rounds": common["rounds"]}
+            "gpu_layers": common["gpu_layers"], "frontend": common["frontend"]}
+    params = {**{k: spec[k] for k in ("scans", "warmup", "repeats", "tokens", "threads", "quant", "frontend")},
+              "rounds": common["rounds"]}
     return {"bundle": bundle, "quant": quant, "spec": spec, "params": params, "title": name, "out": out,
             "machine": machine, "cpu_bandwidth": cpu_bw, "gpu_bandwidth": gpu_bw}
 

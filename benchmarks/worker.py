@@ -65,7 +65,8 @@ def _child(spec_path: str, out_path: str) -> int:
             from radixpert.benchmarks.stages import RuntimeEngine
 
             engine: Any = RuntimeEngine(spec["bundle"], threads=spec.get("threads"), quant=spec.get("quant"),
-                                        providers=spec.get("providers"), gpu_layers=spec.get("gpu_layers"))
+                                        providers=spec.get("providers"), gpu_layers=spec.get("gpu_layers"),
+                                        frontend=spec.get("frontend", "fp32"))
         elif spec["engine"] == "eager":
             from radixpert.benchmarks.eager import EagerEngine
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from radixpert.errors import EXIT_INTERNAL, InputError, RadixpertError, UsageError
+from radixpert.errors import InputError, UsageError, cli_errors
 
 METRIC_LIBRARIES = ("sacrebleu", "rouge_score", "nltk")  # the eval extra
 
@@ -96,8 +94,10 @@ def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for predictions.jsonl and the scores [default: eval-<bundle name>-<split>].")
 @_uncertain_option
+@click.option("--frontend", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Frontend model: fp32, or the INT8 one of a bundle exported with radixpert-export --int8.")
 def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
-           out_dir, uncertain) -> None:
+           out_dir, uncertain, frontend) -> None:
     """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
     require_metric_libraries()  # before the reports, not after them
     from radixpert.evaluation.scoring import Pair, evaluate
@@ -121,7 +121,8 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     studies = studies[:limit] if limit else studies
     out = Path(out_dir) if out_dir else Path(f"eval-{Path(bundle_dir).name}-{split}")
     out.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens)
+    reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens,
+                        frontend_variant=frontend)
     pairs, refused = [], 0
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle, \
             Progress(TextColumn("[bold]report"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
@@ -138,7 +139,8 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
             bar.advance(task)
     reporter.close()
     metrics, rows = evaluate(pairs, uncertain == "present")
-    metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split})
+    metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split,
+                    "frontend": frontend})
     _finish(metrics, rows, out, f"{Path(bundle_dir).name} on {split}")
 
 
@@ -220,27 +222,10 @@ def require_metric_libraries() -> None:
         raise UsageError(f"scoring needs {', '.join(missing)}: pip install 'radixpert-edge[eval]'")
 
 
+@cli_errors(interrupted="interrupted")
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with documented exit codes."""
-    try:
-        cli.main(args=argv, prog_name="radixpert-eval", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except RadixpertError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:  # a bug: one line, the traceback only on request
-        if os.environ.get("RADIXPERT_DEBUG"):
-            raise
-        click.echo(f"internal error: {exc.__class__.__name__}: {exc}; please report it", err=True)
-        sys.exit(EXIT_INTERNAL)
+    cli.main(args=argv, prog_name="radixpert-eval", standalone_mode=False)
 
 
 if __name__ == "__main__":

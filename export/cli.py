@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError
+from radixpert.errors import UsageError, cli_errors
 
 QUANT_HELP = (
     "LLM quantizations to ship, comma-separated, among f32, f16, q8_0, q4_k_m [default: f16,q4_k_m; with --demo: "
@@ -46,6 +44,7 @@ DEMO_QUANTS = "q8_0"
 @click.option("--no-hf", is_flag=True, help="Do not keep the merged HF folder in the bundle (it is only for inspection).")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@cli_errors(interrupted="interrupted; the partial build is left in OUT.partial")
 def main(run_dir, demo, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples, e2e_tokens, thresholds,
          no_hf, threads, force) -> None:
     """Export a training run (RUN_DIR: the --out of radixpert-train, one of its checkpoints, or a folder
@@ -59,24 +58,9 @@ def main(run_dir, demo, out_dir, quants, int8, tensorrt, tensorrt_max_batch, dat
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)
-    try:
-        run_dir, out_dir, quants = _resolve_source(run_dir, demo, out_dir, quants)
-        manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples,
-                              e2e_tokens, thresholds, no_hf, threads, force, console)
-    except RadixpertError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print("interrupted; the partial build is left in OUT.partial")
-        sys.exit(130)
-    except Exception as exc:  # an unexpected library failure: one line, not a traceback
-        if os.environ.get("RADIXPERT_DEBUG"):
-            raise
-        from radixpert.export.pipeline import describe_failure
-
-        error = describe_failure(exc)
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        sys.exit(getattr(error, "exit_code", EXIT_INTERNAL))
+    run_dir, out_dir, quants = _resolve_source(run_dir, demo, out_dir, quants)
+    manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples,
+                          e2e_tokens, thresholds, no_hf, threads, force, console)
     print_summary(console, manifest, Path(out_dir))
 
 

@@ -294,21 +294,20 @@ def check_tokenizer(runner: LlamaRunner, model: RadixpertModel, quant: str) -> N
 
 def tensorrt_step(options: ExportOptions, steps: StepLog, onnx_path: Path, work: Path, images: np.ndarray,
                   files: list[tuple[Path, str]], failures: list[str]) -> dict[str, Any]:
-    """Build and check the TensorRT engine where possible; otherwise say why in one line."""
+    """--tensorrt: where ONNX Runtime's TensorRT provider works, build its engine cache and check FP16
+    parity; the bundle allows FP16 in that provider only when the check ran (``fp16``)."""
     if not options.tensorrt:
-        return {"built": False, "reason": "not requested (--tensorrt)"}
-    from radixpert.export.tensorrt import build_engine, engine_parity, tensorrt_available
+        return {"built": False, "fp16": False, "reason": "not requested (--tensorrt)"}
+    from radixpert.export.tensorrt import prebuild, tensorrt_available
 
     available, reason = tensorrt_available()
     if not available:
         if options.console is not None:
-            options.console.print(f"TensorRT skipped: {reason}")
-        return {"built": False, "reason": reason}
-    with steps.step("TensorRT FP16 engine"):
-        engine = build_engine(onnx_path, work / ENGINE_FILE, max_batch=options.tensorrt_max_batch, fp16=True)
-        result = {"built": True, "max_batch": options.tensorrt_max_batch, **engine_parity(engine, onnx_path, images)}
+            options.console.print(f"TensorRT not checked: {reason}; the runtime keeps FP32 in TensorRT")
+        return {"built": False, "fp16": False, "reason": reason}
+    with steps.step("TensorRT FP16 engine cache"):
+        result = {"built": True, **prebuild(onnx_path, images, fp16=True, threads=options.threads)}
         failures += parity.judge("tensorrt", result["visual_tokens"], options.thresholds)
-        files.append((engine, "tensorrt"))
     return result
 
 

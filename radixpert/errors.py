@@ -12,6 +12,13 @@ Exit codes (shared by every ``radixpert-*`` command):
 
 from __future__ import annotations
 
+import errno
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -51,3 +58,63 @@ class ParityError(ModelError):
 
     exit_code = EXIT_PARITY
     code = "parity"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+DEBUG_ENV = "RADIXPERT_DEBUG"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its class name when empty), at most ``limit`` characters.
+
+    For library errors that are shown to users inside a RadixpertError's one-line message.
+    """
+    text = str(exc).strip()
+    return (text.splitlines()[0].strip() if text else exc.__class__.__name__)[:limit]
+
+
+def cli_errors(interrupted: str = "interrupted") -> Callable[[F], F]:
+    """Decorate a CLI entry point so that every failure is one stderr line with its exit code.
+
+    RadixpertError: ``error: <message>`` and its exit code. Click's own usage errors keep click's
+    wording and code. A full disk is a usage error. Anything else is a bug: only the exception's
+    class is printed, because library messages can quote file names or DICOM values; the
+    traceback is shown with RADIXPERT_DEBUG=1. ``interrupted`` is printed on Ctrl-C (exit 130).
+    """
+    import click
+
+    def decorate(entry: F) -> F:
+        @functools.wraps(entry)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return entry(*args, **kwargs)
+            except click.exceptions.Abort:
+                click.echo(interrupted, err=True)
+                sys.exit(130)
+            except click.ClickException as exc:
+                exc.show()
+                sys.exit(exc.exit_code)
+            except RadixpertError as exc:
+                _echo("error:", str(exc))
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                click.echo(interrupted, err=True)
+                sys.exit(130)
+            except Exception as exc:  # a bug: the class only, the traceback on request
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    _echo("error:", "the disk filled up; free some space and run it again")
+                    sys.exit(EXIT_USAGE)
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                _echo("internal error:", f"{exc.__class__.__name__}; please report it ({DEBUG_ENV}=1 shows the traceback)")
+                sys.exit(EXIT_INTERNAL)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _echo(label: str, message: str) -> None:
+    import click
+
+    click.echo(f"{click.style(label, fg='red')} {message}", err=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from radixpert.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError, ModelError, RadixpertError, UsageError
+from radixpert.errors import EXIT_INPUT, EXIT_OK, InputError, ModelError, UsageError, cli_errors
 
 _DICOM_OR_PNG_HEAD = (b"\x89PNG",)
 
@@ -66,11 +66,18 @@ def _looks_like_scan(path: Path) -> bool:
                                                            "llama.cpp build has GPU support, else 0].")
 @click.option("--timings", is_flag=True, help="Print per-stage timings for each scan (stderr in text format).")
 @click.option("--verify", is_flag=True, help="Check every bundle file's sha256 before running.")
+@click.option("--frontend", "frontend", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Frontend model: fp32, or the INT8 one a bundle exported with radixpert-export --int8 ships.")
+@click.option("--redact", is_flag=True, help="In JSON, replace each scan's input path with a hash of the file "
+                                              "(sha256: and the first 16 hex digits of sha256sum).")
+@cli_errors()
 def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant, gpu_layers,
-         timings, verify) -> None:
+         timings, verify, frontend, redact) -> None:
     """Write a draft Spanish report for each SCAN (DICOM file, PNG, or folder searched recursively).
 
     One model load serves every scan. A refused file is reported and skipped; the others go on.
+    Messages name scans by their place in the batch and their SOP Instance UID (or a hash of the
+    file), never by file name: hospital exports name files after patients.
 
     \b
     Exit codes: 0 all scans reported; 3 at least one scan refused (see the summary);
@@ -80,25 +87,13 @@ def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, t
     from rich.console import Console
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        code = run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant,
-                   gpu_layers, timings, verify, err)
-    except RadixpertError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # a bug: one line, no traceback, no patient data
-        if os.environ.get("RADIXPERT_DEBUG"):
-            raise
-        err.print(f"[red]internal error:[/red] {exc.__class__.__name__}; please report it")
-        sys.exit(EXIT_INTERNAL)
+    code = run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant,
+               gpu_layers, timings, verify, err, frontend=frontend, redact=redact)
     sys.exit(code)
 
 
 def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant, gpu_layers,
-        timings, verify, err) -> int:
+        timings, verify, err, frontend: str = "fp32", redact: bool = False) -> int:
     from radixpert.bundle import bundle_env_default, load_bundle
     from radixpert.runtime.frontend import parse_providers
     from radixpert.runtime.pipeline import Reporter
@@ -115,13 +110,15 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
     if not bundle_dir:
         warn_if_stale_demo(bundle, root, err)
     reporter = Reporter(bundle, providers=parse_providers(providers) if providers else None, threads=threads,
-                        quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens)
+                        quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens, frontend_variant=frontend)
     out = Path(out_dir) if out_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for index, path in enumerate(paths):
-        failed += not report_one(reporter, path, index, fmt, out, sr, overlay, stream, timings, err)
+        # A blank line separates reports in text; none before the first one printed.
+        separate = fmt == "text" and index > failed
+        failed += not report_one(reporter, path, index, fmt, out, sr, overlay, stream, timings, err, separate, redact)
     summary = f"{len(paths) - failed} of {len(paths)} scan(s) reported"
     if failed:
         summary += f", {failed} refused"
@@ -134,29 +131,56 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
 
 
 def report_one(reporter, path: Path, index: int, fmt: str, out: Path | None, sr: bool, overlay: bool, stream: bool,
-               timings: bool, err) -> bool:
-    """Report one scan and print it; False when the scan was refused."""
-    from radixpert.runtime.outputs import write_overlay, write_sr
+               timings: bool, err, separate: bool = False, redact: bool = False) -> bool:
+    """Report one scan and print it; False when the scan was refused.
 
-    record: dict[str, Any] = {"input": str(path), **reporter.describe()}
+    ``separate`` prints a blank line before the report (text format). Messages call the scan
+    ``scan N (UID or hash)``; its path appears only in the JSON ``input`` field, and not with ``redact``.
+    """
+    from rich.markup import escape
+
+    from radixpert.runtime.outputs import input_id, safe_uid, scrub, write_overlay, write_sr
+
+    hashed: list[str] = []
+
+    def digest() -> str:  # hashing reads the file: only when a name needs it, once
+        if not hashed:
+            hashed.append(input_id(path))
+        return hashed[0]
+
+    record: dict[str, Any] = {"input": digest() if redact else str(path), **reporter.describe()}
     streaming = stream and fmt == "text"
+    started = False
+
+    def on_token(piece: str) -> None:
+        nonlocal started
+        if separate and not started:
+            print()
+        started = True
+        print(piece, end="", flush=True)
+
     try:
-        result = reporter.report(path, on_token=(lambda piece: print(piece, end="", flush=True)) if streaming else None)
+        result = reporter.report(path, on_token=on_token if streaming else None)
+        uid = safe_uid(result.sop_instance_uid)
+        label = f"scan {index + 1} ({uid or digest()})"
         files = {}
-        stem = f"{index:04d}-{path.stem}"
+        stem = f"{index:04d}-{uid or digest().split(':', 1)[1]}"
         if sr:
             if result.source != "dicom":
-                raise UsageError(f"{path.name}: --sr needs a DICOM input (this is a {result.source.upper()})")
+                raise UsageError(f"{label}: --sr needs a DICOM input (this is a {result.source.upper()})")
             files["sr"] = str(write_sr(path, result.report, out / f"{stem}.sr.dcm", bundle_id=reporter.bundle.bundle_id,
                                        model_name=reporter.bundle.config.name, warnings=result.warnings))
         if overlay:
             files["overlay"] = str(write_overlay(result.display, result.masks, reporter.bundle.labels,
-                                                 out / f"{stem}.overlay.png", title=path.name))
+                                                 out / f"{stem}.overlay.png", title=uid))
     except (InputError, UsageError) as exc:
-        record.update({"error": {"code": exc.code, "exit_code": exc.exit_code, "message": str(exc)}})
+        if streaming and started:
+            print(flush=True)
+        message = scrub(str(exc), path, f"scan {index + 1} ({digest()})")
+        record.update({"error": {"code": exc.code, "exit_code": exc.exit_code, "message": message}})
         if fmt == "json":
             print(json.dumps(record, ensure_ascii=False), flush=True)
-        err.print(f"[red]refused:[/red] {exc}")
+        err.print(f"[red]refused:[/red] {escape(message)}")
         return False
     record.update({"sop_instance_uid": result.sop_instance_uid, "report": result.report, "stopped": result.stopped,
                    "timings": rounded(result.timings), "warnings": result.warnings, "files": files})
@@ -166,13 +190,15 @@ def report_one(reporter, path: Path, index: int, fmt: str, out: Path | None, sr:
         if streaming:
             print(flush=True)
         else:
-            if index:
+            if separate:
                 print()
             print(result.report, flush=True)
         for warning in result.warnings:
-            err.print(f"[yellow]warning:[/yellow] {path.name}: {warning}")
+            err.print(f"[yellow]warning:[/yellow] {label}: {escape(scrub(warning, path, label))}")
+        for kind, written in files.items():
+            err.print(f"wrote {kind.upper() if kind == 'sr' else kind}: {escape(written)}")
     if timings and fmt == "text":
-        err.print(format_timings(path.name, result.timings))
+        err.print(escape(format_timings(label, result.timings)))
     return True
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from radixpert.errors import InputError, ModelError, UsageError
+from radixpert.errors import InputError, ModelError, UsageError, first_line
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("visual_tokens", "masks")
@@ -30,6 +30,26 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 PREFERENCE = (TENSORRT, CUDA, CPU)
 ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
+# --frontend names -> bundle file roles.
+FRONTEND_ROLES = {"fp32": "frontend", "int8": "frontend-int8"}
+
+# No telemetry from this process: onnxruntime would otherwise keep a device id and queued events
+# naming models and providers under ~/.cache/Microsoft on an offline workstation.
+ort.disable_telemetry_events()
+
+
+def frontend_path(bundle: Any, variant: str = "fp32") -> Path:
+    """The bundle's frontend file for ``variant`` (fp32 or int8); UsageError when it has none."""
+    role = FRONTEND_ROLES.get(variant, variant)
+    path = bundle.path_of(role)
+    if path is not None:
+        return path
+    if role == "frontend-int8":
+        raise UsageError("this bundle has no INT8 frontend; re-export it with radixpert-export --int8, "
+                         "or use --frontend fp32")
+    if role not in FRONTEND_ROLES.values():
+        raise UsageError(f"unknown frontend {variant!r}; choose fp32 or int8")
+    raise ModelError("the bundle lists no frontend.onnx; re-export the bundle")
 
 
 def available_providers() -> list[str]:
@@ -76,29 +96,52 @@ def diff_stats(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:300]
-
-
 def _short(provider: str) -> str:
     return provider.removesuffix("ExecutionProvider").lower()
 
 
-def _trt_options() -> dict[str, str]:
-    """Cache built engines: building one takes minutes, and the bundle folder may be read-only."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "radixpert" / "tensorrt"
+def tensorrt_cache_dir(model_path: str | os.PathLike[str]) -> Path:
+    """Where the TensorRT provider keeps engines for one frontend file.
+
+    Engines take minutes to build and are valid only for the GPU and TensorRT version that built
+    them, so they are cached on the machine, not shipped; the bundle folder may be read-only.
+    The key is the model file's content (part of the bundle id), so export can prebuild the cache
+    before the bundle id exists and every bundle variant gets its own engines.
+    """
+    from radixpert.bundle import sha256_of
+    from radixpert.paths import cache_dir
+
+    return cache_dir() / "tensorrt" / sha256_of(model_path)[:16]
+
+
+def tensorrt_options(model_path: str | os.PathLike[str], fp16: bool = False) -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options: engine and timing caches, and FP16 when allowed.
+
+    FP16 is off unless the bundle allows it (``radixpert-export --tensorrt``): otherwise the
+    frontend is held to its fp32 parity with PyTorch.
+    """
+    root = tensorrt_cache_dir(model_path)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError:
-        return {}
-    # fp16 stays off: the frontend is held to fp32 parity with PyTorch.
+        return {"trt_fp16_enable": str(bool(fp16))}
     return {
+        "trt_fp16_enable": str(bool(fp16)),
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(root),
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(root),
     }
+
+
+def create_session(path: str | os.PathLike[str], providers: Sequence[Any], threads: int | None = None) -> ort.InferenceSession:
+    """Every ONNX Runtime session of Radixpert is made here, so that none reports telemetry.
+
+    onnxruntime's telemetry is off in every process that imports this module; it is switched off
+    again here in case a library turned it back on.
+    """
+    ort.disable_telemetry_events()
+    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=list(providers))
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -115,7 +158,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 class OnnxFrontend:
     """One ONNX Runtime session over ``frontend.onnx`` (or its INT8 twin)."""
 
-    def __init__(self, path: str | os.PathLike[str], providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike[str], providers: list[str] | None = None, threads: int | None = None,
+                 tensorrt_fp16: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"frontend model {self.path} not found; export it or check the bundle folder")
@@ -128,12 +172,14 @@ class OnnxFrontend:
                 f"(available: {', '.join(_short(p) for p in offered)}); install onnxruntime-gpu or choose another --providers"
             )
         self.providers_requested = requested
-        with_options: list[Any] = [(p, _trt_options()) if p == TENSORRT else p for p in requested]
-        options = session_options(threads)
+        with_options: list[Any] = [(p, tensorrt_options(self.path, tensorrt_fp16)) if p == TENSORRT else p
+                                   for p in requested]
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=with_options)
+            self._session = create_session(self.path, with_options, threads)
+        except UsageError:
+            raise
         except Exception as exc:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
-            raise ModelError(f"cannot load frontend model {self.path}: {_first_line(exc)}; re-export the bundle") from None
+            raise ModelError(f"cannot load frontend model {self.path}: {first_line(exc)}; re-export the bundle") from None
         inputs = self._session.get_inputs()
         outputs = [o.name for o in self._session.get_outputs()]
         shape = inputs[0].shape if len(inputs) == 1 else None
@@ -183,7 +229,7 @@ class OnnxFrontend:
         try:
             tokens, masks = self._session.run(list(OUTPUT_NAMES), feed)
         except Exception as exc:  # e.g. out of GPU memory for a large batch
-            raise ModelError(f"frontend inference failed on {', '.join(map(_short, self.providers_used))}: {_first_line(exc)}") from None
+            raise ModelError(f"frontend inference failed on {', '.join(map(_short, self.providers_used))}: {first_line(exc)}") from None
         return tokens, masks
 
 
@@ -211,7 +257,7 @@ def time_pipelines(
     of a shared machine lands on all of them alike.
     """
     sessions = {
-        name: [ort.InferenceSession(str(p), sess_options=session_options(threads), providers=[CPU]) for p in paths]
+        name: [create_session(p, [CPU], threads) for p in paths]
         for name, paths in pipelines.items()
     }
     times: dict[str, list[list[float]]] = {name: [] for name in sessions}

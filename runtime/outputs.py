@@ -1,12 +1,17 @@
-"""The runtime's file outputs: a DICOM SR draft report and an anatomy-overlay PNG (torch-free).
+"""The runtime's file outputs: a DICOM SR draft report and an anatomy-overlay PNG (torch-free),
+and how scans are named in file names, logs and errors.
 
-Only numpy, pydicom, highdicom and Pillow are used; nothing here logs, so no patient data
-leaves the files the caller asked for.
+Hospital exports name files after the patient or the accession number, so no output name, log
+line or error message carries an input's file name: a scan is named by its SOP Instance UID, or
+by a hash of its bytes (see :func:`input_id`). Only numpy, pydicom, highdicom and Pillow are used;
+nothing here logs, so no patient data leaves the files the caller asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,7 @@ from pydicom.uid import generate_uid
 from radixpert.errors import InputError, UsageError
 from radixpert.imageio import letterbox_resize
 
-__all__ = ["MANUFACTURER", "SERIES_DESCRIPTION", "write_overlay", "write_sr"]
+__all__ = ["MANUFACTURER", "SERIES_DESCRIPTION", "input_id", "safe_uid", "scrub", "write_overlay", "write_sr"]
 
 SERIES_DESCRIPTION = "BORRADOR - NO USO CLINICO / draft, not for clinical use"  # LO: <= 64 chars
 MANUFACTURER = "Radixpert Edge"
@@ -36,6 +41,49 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Type 2 attributes highdicom reads from the evidence; anonymized files often drop them.
 _TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
           "StudyDate", "StudyTime")
+
+# A DICOM UID (VR UI): digits and dots, at most 64 characters. Anything else in the header is not
+# used in a name, since a malformed file could carry any text there.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def safe_uid(uid: object) -> str | None:
+    """``uid`` when it is a well-formed DICOM UID, else None."""
+    text = str(uid).strip() if uid is not None else ""
+    return text if len(text) <= 64 and _UID.fullmatch(text) else None
+
+
+def input_id(path: str | os.PathLike[str]) -> str:
+    """A pseudonym for an input: ``sha256:`` and the first 16 hex digits of the file's sha256.
+
+    The bytes, not the name, are hashed: a hash of a name built from an accession number could be
+    reversed by trying every number. ``sha256sum FILE`` gives the same digits, so a user who has
+    the files can map results back. A file that cannot be read is named by a hash of its path.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    except OSError:
+        digest = hashlib.sha256(os.fsencode(os.fspath(path)))
+        return f"path-sha256:{digest.hexdigest()[:16]}"
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def scrub(message: str, path: str | os.PathLike[str], label: str) -> str:
+    """``message`` with the input's path, file name and stem replaced by ``label``.
+
+    Readers name the file in their one-line errors; the command line shows the label instead.
+    Stems shorter than four characters are left alone: replacing them would garble words.
+    """
+    p = Path(path)
+    names = {os.fspath(path), str(p), str(p.absolute()), p.name}
+    if len(p.stem) >= 4:
+        names.add(p.stem)
+    # One pass, longest first, so that a name is never replaced inside a label already put in.
+    pattern = "|".join(re.escape(n) for n in sorted((n for n in names if n), key=len, reverse=True))
+    return re.sub(pattern, lambda _: label, message)
 
 
 def write_sr(source_path: Path, report: str, out_path: Path, *, bundle_id: str, model_name: str,

@@ -17,7 +17,7 @@ import numpy as np
 from radixpert.bundle import Bundle
 from radixpert.errors import InputError
 from radixpert.imageio import letterbox_resize, normalize_imagenet, read_display
-from radixpert.runtime.frontend import OnnxFrontend
+from radixpert.runtime.frontend import OnnxFrontend, frontend_path
 from radixpert.runtime.llm import LlamaRunner
 
 # Smaller images are thumbnails or icons, not radiographs worth a draft report.
@@ -51,12 +51,15 @@ class Reporter:
         quant: str | None = None,
         gpu_layers: int | None = None,
         max_new_tokens: int | None = None,
-        frontend_variant: str = "frontend",
+        frontend_variant: str = "fp32",
     ):
         self.bundle = bundle
+        self.frontend_variant = frontend_variant
         started = time.perf_counter()
-        frontend_path = bundle.path_of(frontend_variant) or bundle.path_of("frontend")
-        self.frontend = OnnxFrontend(frontend_path, providers=providers, threads=threads)
+        # FP16 in TensorRT only where the bundle allows it (radixpert-export --tensorrt).
+        fp16 = bool(bundle.manifest.get("parity", {}).get("tensorrt", {}).get("fp16"))
+        self.frontend = OnnxFrontend(frontend_path(bundle, frontend_variant), providers=providers, threads=threads,
+                                     tensorrt_fp16=fp16)
         self.quant = quant or bundle.manifest["llm"]["default_quant"]
         self.llm = LlamaRunner(bundle.llm_path(self.quant), n_ctx=bundle.manifest["llm"]["n_ctx"], threads=threads,
                                gpu_layers=gpu_layers)
@@ -77,7 +80,8 @@ class Reporter:
 
     def describe(self) -> dict[str, Any]:
         """What ran, for logs and JSON output (no patient data)."""
-        return {"bundle_id": self.bundle.bundle_id, "quant": self.quant, "providers": self.providers_used,
+        return {"bundle_id": self.bundle.bundle_id, "frontend": self.frontend_variant, "quant": self.quant,
+                "providers": self.providers_used,
                 "llm_gpu_layers": self.llm.gpu_layers, "threads": self.llm.threads}
 
     def report(self, path: str | Path, on_token: Callable[[str], None] | None = None, ignore_eos: bool = False,

@@ -245,3 +245,37 @@ def test_overlay_puts_each_lung_on_its_side(tmp_path):
         print(name, tint[:, side].sum(), tint.sum() - tint[:, side].sum())
         other = slice(256, 512) if side.start == 0 else slice(0, 256)
         assert tint[:, side].sum() > 20 * max(1, tint[:, other].sum()), name
+
+
+def _bundle_with_int8(source: Path, dest: Path, scans: list[Path]) -> Path:
+    """A copy of ``source`` with an INT8 frontend added, as radixpert-export --int8 would ship it."""
+    from radixpert.bundle import MANIFEST, file_entry, seal_manifest
+    from radixpert.export.onnx_frontend import quantize_frontend_int8
+
+    shutil.copytree(source, dest)
+    calibration = np.stack([read_image(p, 224).model_input for p in scans[:4]])
+    quantize_frontend_int8(dest / "frontend.onnx", dest / "frontend-int8.onnx", calibration)
+    manifest = json.loads((dest / MANIFEST).read_text(encoding="utf-8"))
+    manifest["files"].append(file_entry(dest / "frontend-int8.onnx", dest, "frontend-int8"))
+    (dest / MANIFEST).write_text(json.dumps(seal_manifest(manifest), indent=1), encoding="utf-8")
+    return dest
+
+
+def test_frontend_int8_runs_the_int8_file_and_is_a_usage_error_without_it(bundle, scans, tmp_path):
+    out, _ = bundle
+    missing = _run(str(scans[0]), "--bundle", str(out), "--frontend", "int8")
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert len(missing.stderr.strip().splitlines()) == 1 and "--int8" in missing.stderr
+    with_int8 = _bundle_with_int8(out, tmp_path / "int8", scans)
+    records = {}
+    for variant in ("int8", "fp32"):
+        done = _run(str(scans[0]), "--bundle", str(with_int8), "--frontend", variant, "--format", "json",
+                    "--max-new-tokens", "4")
+        assert done.returncode == 0, done.stderr[-3000:]
+        records[variant] = json.loads(done.stdout)
+        assert records[variant]["frontend"] == variant
+    reporter = Reporter(load_bundle(with_int8), quant="f32", threads=1, frontend_variant="int8")
+    try:
+        assert reporter.frontend.path.name == "frontend-int8.onnx" and reporter.describe()["frontend"] == "int8"
+    finally:
+        reporter.close()

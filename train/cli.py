@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
 from radixpert.config import PRESETS, RadixpertConfig, get_config
-from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError
+from radixpert.errors import UsageError, cli_errors
 
 DATA_HELP = "PadChest-format CSV (ImageID, ImageDir, PatientID, Projection, Labels, report column)."
 
@@ -270,25 +269,10 @@ def pack(run_dir, out_dir):
     click.echo(f"packed {checkpoint} into {out} ({total / 2**20:.1f} MiB)", err=True)
 
 
+@cli_errors(interrupted="interrupted; rerun with --resume to continue from the last checkpoint")
 def main() -> None:
     """Entry point: one-line errors with documented exit codes, never a traceback for bad input."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except RadixpertError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun with --resume to continue from the last checkpoint", err=True)
-        sys.exit(130)
-    except Exception as exc:  # a bug: say so in one line, keep the traceback out of clinical logs
-        click.echo(f"internal error: {exc.__class__.__name__}: {exc}; please report it", err=True)
-        sys.exit(EXIT_INTERNAL)
+    cli.main(standalone_mode=False)
 
 
 if __name__ == "__main__":

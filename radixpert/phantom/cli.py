@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from radixpert.errors import EXIT_INTERNAL, EXIT_USAGE, RadixpertError
+from radixpert.errors import DEBUG_ENV, EXIT_INTERNAL, EXIT_USAGE, RadixpertError
 from radixpert.phantom.render import MIN_SIZE
 from radixpert.phantom.writers import write_dataset
 
@@ -31,8 +32,11 @@ class _OneLineErrors(click.Command):
         except OSError as exc:
             click.echo(f"{prog}: error: {exc.strerror or exc} ({exc.filename})", err=True)
             sys.exit(EXIT_USAGE)
-        except Exception as exc:  # a bug: still one line, with the exit code saying so
-            click.echo(f"{prog}: internal error: {type(exc).__name__}: {exc}", err=True)
+        except Exception as exc:  # a bug: the class only (messages can quote paths); the traceback on request
+            if os.environ.get(DEBUG_ENV):
+                raise
+            click.echo(f"{prog}: internal error: {type(exc).__name__}; please report it ({DEBUG_ENV}=1 shows the "
+                       "traceback)", err=True)
             sys.exit(EXIT_INTERNAL)
         sys.exit(rv if isinstance(rv, int) else 0)
 
