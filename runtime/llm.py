@@ -69,7 +69,14 @@ class GenerationResult:
 
 
 class LlamaRunner:
-    """One GGUF model and one context; sequence 0 only."""
+    """One GGUF model and one context; sequence 0 only.
+
+    Use it as a context manager or call :meth:`close`: after that every method raises
+    ModelError instead of touching freed llama.cpp memory; closing twice is harmless. Not
+    thread-safe: one thread at a time may use (and close) a runner.
+    """
+
+    _closed = False  # class default, so a runner whose __init__ failed closes cleanly too
 
     def __init__(
         self,
@@ -83,6 +90,7 @@ class LlamaRunner:
     ):
         llama_cpp = _import_llama_cpp()
         self._c = llama_cpp
+        self._model = self._ctx = None
         path = Path(gguf_path)
         if not path.is_file():
             raise ModelError(f"GGUF file {path} not found; rebuild the bundle with radixpert-export")
@@ -96,6 +104,7 @@ class LlamaRunner:
         self.gpu_layers = gpu_layers
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self._model:
+            self._model = None
             raise ModelError(f"llama.cpp could not load {path.name}; the file is corrupt or not a Gemma 3 GGUF")
         self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
         ctx_params = llama_cpp.llama_context_default_params()
@@ -117,7 +126,9 @@ class LlamaRunner:
         ctx_params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+            model, self._model = self._model, None
+            llama_cpp.llama_model_free(model)
             raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens for {path.name}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -132,13 +143,32 @@ class LlamaRunner:
 
     # --- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        c = self._c
-        if getattr(self, "_ctx", None):
-            c.llama_batch_free(self._token_batch)
-            c.llama_batch_free(self._embd_batch)
-            c.llama_free(self._ctx)
-            c.llama_model_free(self._model)
-            self._ctx = None
+        """Free the context, batches and model; later calls to any method raise ModelError."""
+        if self._closed:
+            return
+        self._closed = True
+        c = getattr(self, "_c", None)
+        ctx, model = getattr(self, "_ctx", None), getattr(self, "_model", None)
+        # Drop every handle into llama.cpp memory before freeing it, so nothing can reach it later.
+        self._ctx = self._model = self._vocab = self._memory = None
+        token_batch, embd_batch = getattr(self, "_token_batch", None), getattr(self, "_embd_batch", None)
+        self._token_batch = self._embd_batch = None
+        if c is None:
+            return
+        if ctx:
+            c.llama_batch_free(token_batch)
+            c.llama_batch_free(embd_batch)
+            c.llama_free(ctx)
+        if model:
+            c.llama_model_free(model)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelError("the LLM runner is closed; create a new LlamaRunner to use the model again")
 
     def __enter__(self) -> "LlamaRunner":
         return self
@@ -155,6 +185,7 @@ class LlamaRunner:
     # --- vocabulary ----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
         """Ids for text that may contain special-token strings; adds no BOS of its own."""
+        self._check_open()
         data = text.encode("utf-8")
         capacity = len(data) + 8
         out = (self._c.llama_token * capacity)()
@@ -164,6 +195,7 @@ class LlamaRunner:
         return list(out[:n])
 
     def token_bytes(self, token: int, special: bool = False) -> bytes:
+        self._check_open()
         buf = ctypes.create_string_buffer(64)
         n = self._c.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -172,28 +204,34 @@ class LlamaRunner:
         return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        self._check_open()
         return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
 
     def is_end_of_generation(self, token: int) -> bool:
+        self._check_open()
         return bool(self._c.llama_vocab_is_eog(self._vocab, token))
 
     # --- evaluation ----------------------------------------------------------------------
     def reset(self) -> None:
+        self._check_open()
         self._c.llama_memory_clear(self._memory, True)
         self.n_past = 0
         self._cached_prefix = ()
 
     def trim(self, n_keep: int) -> None:
         """Drop every cached position >= n_keep."""
+        self._check_open()
         if not self._c.llama_memory_seq_rm(self._memory, 0, n_keep, -1):
             raise ModelError("llama.cpp refused to trim its KV cache; this model's cache cannot keep a prefix")
         self.n_past = n_keep
 
     def _logits_row(self, index: int) -> np.ndarray:
+        self._check_open()
         pointer = self._c.llama_get_logits_ith(self._ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
     def _decode(self, batch, n: int, all_logits: bool) -> list[np.ndarray]:
+        self._check_open()
         for i in range(n):
             batch.pos[i] = self.n_past + i
             batch.n_seq_id[i] = 1
@@ -210,6 +248,7 @@ class LlamaRunner:
 
     def eval_tokens(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append token ids; logits of the last position (1-D) or of every position (2-D)."""
+        self._check_open()
         rows: list[np.ndarray] = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
@@ -220,6 +259,7 @@ class LlamaRunner:
 
     def eval_embeddings(self, embeddings: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Append raw (n, n_embd) embeddings; logits as in :meth:`eval_tokens`."""
+        self._check_open()
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.n_embd:
             raise ModelError(f"visual tokens have shape {embeddings.shape}, the LLM expects (n, {self.n_embd})")
@@ -234,6 +274,7 @@ class LlamaRunner:
     # --- generation ----------------------------------------------------------------------
     def start(self, prefix_ids: Sequence[int]) -> tuple[bool, float]:
         """Make the KV cache hold exactly ``prefix_ids``; (was it cached?, seconds spent)."""
+        self._check_open()
         started = time.perf_counter()
         prefix = tuple(prefix_ids)
         if prefix and self._cached_prefix == prefix and self.n_past >= len(prefix):
@@ -255,6 +296,7 @@ class LlamaRunner:
         on_token: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Greedy report tokens for one scan (stop tokens are not included)."""
+        self._check_open()
         prefix_cached, prefix_s = self.start(prefix_ids)
         started = time.perf_counter()
         self.eval_embeddings(visual_tokens)

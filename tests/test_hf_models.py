@@ -1,4 +1,4 @@
-"""Tokenizer and LLM loading: tiny Gemma-style tokenizer, MedGemma-style VLM folders, BioViL."""
+"""Tokenizer and LLM loading (radixpert.hf_models): tiny Gemma-style tokenizer, MedGemma-style VLM folders, BioViL."""
 
 from __future__ import annotations
 
