@@ -4,8 +4,9 @@ Compute and memory traffic do not depend on the weights' values, so a random Med
 LLM (real Gemma 3 tokenizer, converted and quantized by our own export path) and a random
 BioViL-shaped frontend give the real model's latency on any machine, before anything is trained.
 
-Everything is cached under ``$RADIXPERT_CACHE`` and built once (each step writes to a temporary
-name and renames, so an interrupted build is redone, never reused):
+Everything is cached under ``$RADIXPERT_CACHE`` and built once (each step builds under a lock
+into a temporary name and renames, so an interrupted build is redone, never reused, and a second
+process waits for the first one's build; see :mod:`radixpert.atomic`):
 
     synthetic-<llm>/                 random HF folder (fp16 shards, tokenizer)   7.8 GB for medgemma-4b
     synthetic-<llm>-gguf/<q>.gguf    f16 from write_gguf, then q8_0 / q4_k_m from llama.cpp's quantizer
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -28,7 +28,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from radixpert.bundle import FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table, load_bundle
+from radixpert.atomic import atomic_build, build_once
+from radixpert.bundle import (FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table, load_bundle,
+                              portable_config, seal_manifest)
 from radixpert.config import get_config
 from radixpert.errors import ModelError, RadixpertError, UsageError
 from radixpert.paths import cache_dir
@@ -70,12 +72,9 @@ def hf_folder(llm: str, cache: Path) -> Path:
     _need_export_extra()
     from radixpert.hf_models import load_gemma3_270m
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    build_synthetic_text_model(partial, llm, tokenizer_dir=load_gemma3_270m(cache))
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    return out
+    tokenizer_dir = load_gemma3_270m(cache)
+    return build_once(out, lambda partial: build_synthetic_text_model(partial, llm, tokenizer_dir=tokenizer_dir),
+                      done=_hf_complete, what=f"the synthetic {llm} model")
 
 
 def _hf_complete(folder: Path) -> bool:
@@ -165,12 +164,12 @@ def gguf_file(llm: str, quant: str, hf_dir: Path, cache: Path, threads: int | No
     _need_export_extra()
     from radixpert.export.gguf import quantize_gguf, write_gguf
 
-    f16 = folder / "f16.gguf"
-    if not f16.is_file():
-        write_gguf(hf_dir, f16, "f16")  # atomic: appears only when complete
+    f16 = build_once(folder / "f16.gguf", lambda partial: write_gguf(hf_dir, partial, "f16"), done=lambda path: path.is_file(),
+                     what="the synthetic f16 GGUF")
     if quant == "f16":
         return f16
-    return quantize_gguf(f16, out, quant, threads=threads or 0)
+    return build_once(out, lambda partial: quantize_gguf(f16, partial, quant, threads=threads or 0),
+                      done=lambda path: path.is_file(), what=f"the synthetic {quant} GGUF")
 
 
 def frontend_onnx(llm: str, cache: Path) -> Path:
@@ -187,10 +186,8 @@ def frontend_onnx(llm: str, cache: Path) -> Path:
     config = get_config(llm)
     torch.manual_seed(0)
     frontend = Frontend(config).eval()
-    partial = out.with_name("frontend.partial.onnx")
-    export_frontend(frontend, config, partial)
-    partial.replace(out)
-    return out
+    return build_once(out, lambda partial: export_frontend(frontend, config, partial), done=lambda path: path.is_file(),
+                      what=f"the synthetic {llm} frontend")
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -250,9 +247,17 @@ def _assemble(out: Path, config: Any, hf_dir: Path, gguf_path: Path, onnx_path: 
     }
     needed = len(ids["prefix"]) + config.num_visual_tokens + len(ids["suffix"]) + max(tokens, config.max_new_tokens) + 8
     n_ctx = int(-(-needed // 256) * 256)  # as export sizes it
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with atomic_build(out, what=str(out)) as partial:
+        partial.mkdir(parents=True)
+        _write_bundle(partial, config, gguf_path, onnx_path, quant, ids, n_ctx, template)
+    try:
+        load_bundle(out)
+    except RadixpertError as exc:
+        raise ModelError(f"the synthetic bundle at {out} does not load ({exc}); delete it and run again") from None
+
+
+def _write_bundle(partial: Path, config: Any, gguf_path: Path, onnx_path: Path, quant: str, ids: dict[str, Any],
+                  n_ctx: int, template: Any) -> None:
     _link(onnx_path, partial / "frontend.onnx")
     _link(gguf_path, partial / f"llm-{quant}.gguf")
     (partial / LABELS).write_text(json.dumps(label_table(config.mask_names), indent=1) + "\n", encoding="utf-8")
@@ -261,11 +266,11 @@ def _assemble(out: Path, config: Any, hf_dir: Path, gguf_path: Path, onnx_path: 
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "bundle_id": hashlib.sha256(json.dumps([config.name, quant, [e["sha256"] for e in entries]]).encode()).hexdigest()[:16],
+        "bundle_id": "",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "synthetic": "random weights of the preset's shape, for latency only: its reports are noise",
         "source": {"synthetic": config.name},
-        "config": config.to_dict(),
+        "config": portable_config(config.to_dict()),
         "prompt": template.to_manifest(),
         "tokens": ids,
         "visual": {"num_tokens": config.num_visual_tokens, "dim": config.llm_dim, "image_size": config.image_size,
@@ -274,10 +279,5 @@ def _assemble(out: Path, config: Any, hf_dir: Path, gguf_path: Path, onnx_path: 
         "labels": LABELS,
         "files": entries,
     }
+    manifest = seal_manifest(manifest)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
-    try:
-        load_bundle(out)
-    except RadixpertError as exc:
-        raise ModelError(f"the synthetic bundle at {out} does not load ({exc}); delete it and run again") from None

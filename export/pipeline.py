@@ -1,7 +1,9 @@
 """Training run -> edge bundle: merge, ONNX frontend, GGUF LLM, parity, manifest.
 
-The bundle is built in ``<out>.partial`` and renamed to ``<out>`` only when every parity
-check passes; a drifted build is kept as ``<out>.rejected`` for inspection, never as a bundle.
+The bundle is built under a lock (``<out>.lock``) in ``<out>.partial-<pid>-<random>`` and
+renamed to ``<out>`` only when every parity check passes (see :mod:`radixpert.atomic`); a drifted
+build is kept as ``<out>.rejected`` for inspection, never as a bundle. A second export of the
+same ``<out>`` waits for the first and uses its bundle.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
-import hashlib
 import json
 import shutil
 import time
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from radixpert.bundle import FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table, sha256_of
+from radixpert.atomic import commit, file_lock, partial_path, remove, remove_stale
+from radixpert.bundle import (FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table, portable_config,
+                              seal_manifest, sha256_of)
 from radixpert.errors import ModelError, ParityError, RadixpertError, UsageError
 from radixpert.export import parity
 from radixpert.export.gguf import QUANTS, quantize_gguf, write_gguf
@@ -146,12 +149,31 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
     unknown = [q for q in options.quants if q not in QUANTS]
     if unknown or not options.quants:
         raise UsageError(f"--quant must be among {', '.join(QUANTS)}, got {', '.join(options.quants) or 'nothing'}")
-    if out.exists() and not options.force:
+    existed = out.exists()
+    if existed and not options.force:
         raise UsageError(f"{out} already exists; pass --force to replace it or choose another --out")
+    notify = options.console.print if options.console is not None else None
+    with file_lock(out, notify=notify, what=str(out)):
+        if not existed and (out / MANIFEST).is_file():
+            # Another process built it while this one waited: that build is the one asked for.
+            if options.console is not None:
+                options.console.print(f"using the bundle another process built meanwhile in {out}")
+            return json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        remove_stale(out)
+        work = partial_path(out)
+        work.mkdir(parents=True)
+        try:
+            manifest = build_bundle(run_dir, out, work, options, progress)
+        except BaseException:
+            remove(work)  # gone already when a drifted build was kept aside
+            raise
+        commit(work, out)
+    return manifest
+
+
+def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOptions, progress: Any) -> dict[str, Any]:
+    """Build the bundle in ``work`` (the caller holds the lock and renames it in)."""
     steps = StepLog(progress=progress)
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     if options.threads:
         torch.set_num_threads(options.threads)
 
@@ -249,7 +271,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"checkpoint": checkpoint.name, "run": Path(run_dir).name, "checksums_verified": verified,
                        "checksums_sha256": sha256_of(checkpoint / "checksums.json") if verified else None},
-            "config": config.to_dict(),
+            "config": portable_config(config.to_dict()),
             "prompt": model.template.to_manifest(),
             "tokens": token_ids,
             "visual": {"num_tokens": config.num_visual_tokens, "dim": config.llm_dim, "image_size": config.image_size,
@@ -261,8 +283,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
             "steps": steps.rows,
             "files": entries,
         }
-        identity = json.dumps([manifest["config"], [(e["path"], e["sha256"]) for e in entries]], sort_keys=True)
-        manifest["bundle_id"] = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        manifest = seal_manifest(manifest)
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     if failures:
@@ -271,9 +292,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, options: ExportOptions, 
         work.rename(rejected)
         raise ParityError(f"parity failed ({'; '.join(failures)}); the build is kept in {rejected} for inspection "
                           "and no bundle was written (override with --threshold NAME=VALUE if this is expected)")
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
     return manifest
 
 

