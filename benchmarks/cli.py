@@ -219,15 +219,11 @@ def default_scans() -> list[str]:
     found = sorted(str(p) for p in (folder / "dicom").glob("*.dcm")) if folder.is_dir() else []
     if len(found) >= 2:
         return found
-    import shutil
-
+    from radixpert.atomic import build_once
     from radixpert.phantom import write_dataset
 
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write_dataset(partial, n=2, seed=7, size=SCAN_SIZE, workers=1, progress=False)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    build_once(folder, lambda partial: write_dataset(partial, n=2, seed=7, size=SCAN_SIZE, workers=1, progress=False),
+               done=lambda path: len(list((path / "dicom").glob("*.dcm"))) >= 2, what="the benchmark scans")
     return sorted(str(p) for p in (folder / "dicom").glob("*.dcm"))
 
 

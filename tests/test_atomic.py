@@ -238,3 +238,37 @@ def test_an_export_killed_at_any_point_leaves_no_bundle_or_a_complete_one(run_di
     assert done.returncode == 0, done.stderr[-2000:]
     load_bundle(out, verify=True)
     assert _leftovers(tmp_path, "bundle") == []
+
+
+def test_radixpert_run_waits_for_a_demo_build_in_progress_and_uses_it(tmp_path, monkeypatch):
+    """A second radixpert-run finds the demo bundle being built: it waits, then runs no build of its own."""
+    from radixpert.paths import demo_bundle_dir
+    from radixpert.runtime import cli
+
+    monkeypatch.setenv("RADIXPERT_CACHE", str(tmp_path))
+    monkeypatch.delenv("RADIXPERT_BUNDLE", raising=False)
+    monkeypatch.setattr(cli, "DEMO_BUILD_MODULES", ())
+    root = demo_bundle_dir()
+    builder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from radixpert.atomic import atomic_build
+        with atomic_build(Path({str(root)!r})) as partial:
+            partial.mkdir()
+            print("building", flush=True)
+            time.sleep(1.5)
+            (partial / "manifest.json").write_text("{{}}")
+        """)], stdout=subprocess.PIPE, text=True)
+
+    def no_second_build(*args, **kwargs):
+        raise AssertionError("a second build was started")
+
+    monkeypatch.setattr(subprocess, "run", no_second_build)
+    messages: list[str] = []
+    try:
+        assert builder.stdout.readline().strip() == "building"
+        cli.build_default_bundle(root, err=type("Err", (), {"print": staticmethod(messages.append)}))
+    finally:
+        builder.wait(timeout=30)
+    assert messages == ["waiting for another process building the demo bundle"]
+    assert (root / "manifest.json").is_file()
