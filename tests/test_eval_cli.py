@@ -139,7 +139,7 @@ class FakeReporter:
 
     reports: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, bundle, threads=None, max_new_tokens=None):
+    def __init__(self, bundle, threads=None, max_new_tokens=None, frontend_variant="fp32"):
         self.calls = 0
 
     def report(self, path: Path):
