@@ -19,8 +19,10 @@ from radixpert.errors import UsageError
 from radixpert.model import RadixpertModel
 from radixpert.runtime.llm import LlamaRunner
 
-# Maximum ("max_abs") or minimum (the rest) allowed values. Quantized LLMs are measured for
-# the record with loose floors; f32/f16 are held to tight ones.
+# Maximum (UPPER_BOUNDS) or minimum (the rest) allowed values. Quantized LLMs are measured with
+# loose logit floors; f32/f16 are held to tight ones. LLM logit gates are relative to the scale
+# of the reference logits: an absolute bound tuned on a tiny vocabulary rejects a correct f32
+# build of a 262k-vocabulary model, whose logits are tens of units large.
 DEFAULT_THRESHOLDS: dict[str, float] = {
     # Trained projectors emit large values (max |Δ| 2e-4..6e-4 at rel L2 2e-7), so the relative
     # error is the real gate and the absolute one only catches gross failures.
@@ -28,18 +30,24 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "frontend.rel_l2": 1e-5,
     "frontend_int8.rel_l2": 0.25,
     "tensorrt.rel_l2": 1e-2,
-    "llm.f32.max_abs": 1e-2,
+    # max_rel measured: f32 2.7e-4 (tiny) and 1.0e-3 (Gemma 3 270M), f16 5.0e-4 and 1.8e-3; a
+    # conversion mistake (norm weights without Gemma's +1) moves logits by several units.
+    "llm.f32.max_rel": 5e-3,
     "llm.f32.argmax": 1.0,
+    "llm.f16.max_rel": 1e-2,
     "llm.f16.min_cosine": 0.999,
     "llm.f16.argmax": 0.9,
     "llm.q8_0.min_cosine": 0.99,
+    "llm.q8_0.argmax": 0.9,  # measured 1.0 (tiny), 0.98 (270M)
     "llm.q4_k_m.min_cosine": 0.9,
     "e2e.f32.token_match": 1.0,
     "e2e.f16.token_match": 0.8,
-    "e2e.q8_0.token_match": 0.0,
+    # Measured 1.0 (tiny) and 0.84 (270M: one of two reports leaves PyTorch's path mid-way);
+    # a q8_0 that no longer follows the model stays near 0 after its first token.
+    "e2e.q8_0.token_match": 0.5,
     "e2e.q4_k_m.token_match": 0.0,
 }
-UPPER_BOUNDS = ("max_abs", "rel_l2")
+UPPER_BOUNDS = ("max_abs", "rel_l2", "max_rel")
 
 
 def parse_thresholds(items: Sequence[str]) -> dict[str, float]:
@@ -72,13 +80,18 @@ def judge(check: str, metrics: dict[str, float], thresholds: dict[str, float]) -
 
 
 def logit_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max |Δ|, cosine (mean and min over positions) and argmax agreement of (P, V) logits."""
+    """Max |Δ| (absolute, and relative to each position's largest reference logit), cosine (mean
+    and min over positions) and argmax agreement of (P, V) logits."""
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     cosine = (ref * cand).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1))
+    delta = np.abs(ref - cand).max(-1)
+    # Per position, so one confident position with large logits cannot hide a drifted quiet one.
+    scale = np.maximum(np.abs(ref).max(-1), np.finfo(np.float64).tiny)
     return {
         "positions": int(ref.shape[0]),
-        "max_abs": float(np.abs(ref - cand).max()),
+        "max_abs": float(delta.max()),
+        "max_rel": float((delta / scale).max()),
         "mean_cosine": float(cosine.mean()),
         "min_cosine": float(cosine.min()),
         "argmax": float((ref.argmax(-1) == cand.argmax(-1)).mean()),
