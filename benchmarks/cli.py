@@ -58,6 +58,7 @@ def main() -> None:
       radixpert-bench compare --bundle B      runtime vs PyTorch eager, each in its own process
       radixpert-bench synthetic --llm medgemma-4b --quant q4_k_m
                                               the full-size model with random weights (no training needed)
+      radixpert-bench contention --bundle B   idle vs beside a CPU-bound process, per thread-wait setting
       radixpert-bench diff A.json B.json      are two runs' medians within each other's spread?
 
     Every subcommand writes result.json, result.md and stages.png. Benchmarks report; they set no pass mark.
@@ -121,6 +122,41 @@ def compare(bundle_dir: str, quant: str | None, device: str | None, **common: An
     a, b = result["runtime"]["tokens_first_scan"], result["eager"]["tokens_first_scan"]
     result["token_agreement"] = {"common_prefix": common_prefix(a, b), "tokens": max(len(a), len(b))}
     _finish(ctx, result, {"runtime": rt, "eager (PyTorch)": eg})
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
+@click.option("--settings", "setting_names", default="passive,spin,spin-1-thread", show_default=True,
+              help="Thread settings to compare, comma-separated (the first is the reference for idle speed).")
+@_options
+@cli_errors()
+def contention(bundle_dir: str, quant: str | None, setting_names: str, **common: Any) -> None:
+    """Report time idle vs beside one CPU-bound neighbour process, per thread-wait setting.
+
+    passive: idle worker threads sleep (the default); spin: they spin (RADIXPERT_THREAD_WAIT=spin);
+    spin-1-thread: spinning with one thread. Each condition runs in fresh runtime processes,
+    alternating idle and loaded within this invocation; the slow-down ratios are the result.
+    """
+    from radixpert.benchmarks.contention import SETTINGS, markdown, measure_contention
+    from radixpert.benchmarks.report import write_json
+
+    names = [n.strip() for n in setting_names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        raise UsageError(f"--settings takes a comma list of {', '.join(SETTINGS)}")
+    ctx = _prepare(bundle_dir, quant, "contention", None, common, default_repeats=4)
+    with _progress() as progress:
+        rows = measure_contention(ctx["spec"], names, common["rounds"],
+                                  lambda spec, env, what: _spawn(progress, spec, what, env=env))
+    result = _base_result(ctx, "contention")
+    result.update(settings=names, rows=rows, params=ctx["params"])
+    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = markdown(result)
+    write_json(result, ctx["out"] / "result.json")
+    (ctx["out"] / "result.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {ctx['out'] / 'result.json'} and {ctx['out'] / 'result.md'}", err=True)
 
 
 @main.command()
@@ -202,11 +238,11 @@ def _step(progress: Any, what: str) -> Any:
     return context()
 
 
-def _spawn(progress: Any, spec: dict[str, Any], what: str) -> dict[str, Any]:
+def _spawn(progress: Any, spec: dict[str, Any], what: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     from radixpert.benchmarks.worker import run_isolated
 
     task = progress.add_task(what, total=spec["warmup"] + spec["repeats"])
-    result = run_isolated(spec, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    result = run_isolated(spec, progress=lambda done, total: progress.update(task, completed=done, total=total), env=env)
     progress.update(task, completed=spec["warmup"] + spec["repeats"])
     return result
 

@@ -77,7 +77,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# {result['title']}", "", f"`{result['command']}`", "",
              f"Per-report time (median ms, {result['params']['tokens']} tokens), idle and beside one CPU-bound "
              f"process, {result['params']['rounds']} round(s) of {result['params']['repeats']} reports per condition; "
-             f"{result['machine'].get('cpus', '?')} CPUs.", "",
+             f"{result['machine'].get('usable_cpus', '?')} usable CPUs.", "",
              f"| setting | threads | idle | with neighbour | slow-down | idle vs {first} |", "|---|---|---|---|---|---|"]
     for name in settings:
         row = result["rows"][name]

@@ -24,15 +24,17 @@ _BY_CODE = {2: UsageError, 3: InputError, 4: ModelError}
 
 
 def run_isolated(spec: dict[str, Any], progress: Callable[[int, int], None] | None = None,
-                 timeout: float | None = None) -> dict[str, Any]:
-    """Run ``spec`` (engine, bundle, scans, warmup, repeats, tokens, threads, ...) in a child process."""
+                 timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``spec`` (engine, bundle, scans, warmup, repeats, tokens, threads, ...) in a child process,
+    with ``env`` added to this process's environment."""
     with tempfile.TemporaryDirectory(prefix="radixpert-bench-") as tmp:
         spec_path, out_path, err_path = Path(tmp) / "spec.json", Path(tmp) / "out.json", Path(tmp) / "stderr.txt"
         spec = {**spec, "spawned_at": time.time()}
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         with open(err_path, "w", encoding="utf-8") as err:
             child = subprocess.Popen([sys.executable, "-m", "radixpert.benchmarks.worker", str(spec_path), str(out_path)],
-                                     stdout=subprocess.PIPE, stderr=err, text=True)
+                                     stdout=subprocess.PIPE, stderr=err, text=True,
+                                     env={**os.environ, **env} if env else None)
             assert child.stdout is not None
             for line in child.stdout:
                 parts = line.split()

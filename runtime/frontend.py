@@ -146,7 +146,12 @@ def create_session(path: str | os.PathLike[str], providers: Sequence[Any], threa
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Session options with ``threads`` intra-op threads (None: ORT's default, all cores)."""
+    from radixpert.runtime.threads import ort_allow_spinning
+
     options = ort.SessionOptions()
+    # Idle workers sleep instead of spinning unless RADIXPERT_THREAD_WAIT=spin (runtime/threads.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", ort_allow_spinning())
+    options.add_session_config_entry("session.inter_op.allow_spinning", ort_allow_spinning())
     if threads is not None:
         if int(threads) < 1:
             raise UsageError(f"--threads must be at least 1, got {threads}")

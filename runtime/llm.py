@@ -30,6 +30,9 @@ _LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
 
 
 def _import_llama_cpp():
+    from radixpert.runtime.threads import configure_openmp
+
+    configure_openmp()  # before llama.cpp's OpenMP runtime loads: it reads the wait policy once
     try:
         import llama_cpp
     except ImportError:
