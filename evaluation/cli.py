@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -27,7 +29,8 @@ Clinical scores (rule-based Spanish labeler on prediction and reference; no mode
 
 \b
 Subcommands: score (JSON Lines from radixpert-run vs a CSV), bundle (run a bundle on a
-split, then score), ablation (base / +LoRA / +anatomy on phantoms), label (show the labeler).
+split, then score), ablation (base / +LoRA / +anatomy on phantoms), mirror (does the
+bundle read sides from the image?), label (show the labeler).
 See docs/evaluation.md.
 """
 
@@ -196,6 +199,42 @@ def ablation(csv_path, out_dir, preset, steps, batch_size, lr, warmup_steps, see
 
     click.echo(table(summary))
     click.echo(f"wrote {Path(out_dir) / 'ablation.md'} and {Path(out_dir) / 'ablation.json'}", err=True)
+
+
+@cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--data", "csv_path", required=True, type=click.Path(dir_okay=False),
+              help="PadChest-format CSV whose reports state sides (e.g. radixpert-phantom's phantoms.csv).")
+@click.option("--dicom-dir", type=click.Path(file_okay=False), default=None, help="Read <DIR>/<ImageID stem>.dcm.")
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Root of the ImageDir folders of PNGs.")
+@click.option("--limit", type=click.IntRange(min=1), default=40, show_default=True, help="Only the first N studies.")
+@click.option("--report-column", default="Report", show_default=True, help="Column with the reference text.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for the runtime.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for mirror.json and mirror.md [default: mirror-<bundle name>].")
+def mirror(bundle_dir, csv_path, dicom_dir, images, limit, report_column, threads, out_dir) -> None:
+    """Does the bundle read each side from the image? Teacher-forced side-word preference, image vs mirrored image."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from radixpert.bundle import load_bundle
+    from radixpert.evaluation.mirror import markdown, mirror_probe
+    from radixpert.train.data import read_table
+
+    studies = read_table(csv_path, images=images, report_column=report_column, dicom_dir=dicom_dir)[:limit]
+    bundle = load_bundle(Path(bundle_dir))
+    with Progress(TextColumn("[bold]mirror probe"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("probe", total=len(studies))
+        summary = mirror_probe(bundle, [(s.image_path, s.report) for s in studies], threads=threads,
+                               progress=lambda done: bar.update(task, completed=done))
+    summary.update({"command": "radixpert-eval " + shlex.join(sys.argv[1:]), "data": Path(csv_path).name,
+                    "studies": len(studies)})
+    out = Path(out_dir) if out_dir else Path(f"mirror-{Path(bundle_dir).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mirror.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = markdown(summary, f"Mirror probe of {Path(bundle_dir).name} on {len(studies)} studies")
+    (out / "mirror.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {out / 'mirror.json'} and {out / 'mirror.md'}", err=True)
 
 
 @cli.command()

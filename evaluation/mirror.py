@@ -83,6 +83,12 @@ def preference(runner: LlamaRunner, prefix: list[int], visual: np.ndarray, suffi
     return values
 
 
+def image_and_mirror(path: Path, size: int) -> np.ndarray:
+    """(2, 3, S, S) model inputs: the scan as the runtime reads it, and the same scan mirrored left-right."""
+    display, _ = read_display(path)
+    return np.stack([normalize_imagenet(letterbox_resize(d, size)) for d in (display, display[:, ::-1])])
+
+
 def mirror_probe(bundle: Bundle, studies: Iterable[tuple[str, str]], threads: int | None = None,
                  frontend_role: str = "frontend", progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Side preference with the image and with its mirror, over ``(image path, reference report)`` pairs."""
@@ -93,10 +99,7 @@ def mirror_probe(bundle: Bundle, studies: Iterable[tuple[str, str]], threads: in
         for index, (path, report) in enumerate(studies):
             probes = side_probes(runner, index, report)
             if probes:
-                display, _ = read_display(Path(path))
-                images = np.stack([normalize_imagenet(letterbox_resize(d, bundle.config.image_size))
-                                   for d in (display, display[:, ::-1])])
-                visual, _ = frontend.run(images)
+                visual, _ = frontend.run(image_and_mirror(Path(path), bundle.config.image_size))
                 as_is = preference(runner, tokens["prefix"], visual[0], tokens["suffix"], probes)
                 mirrored = preference(runner, tokens["prefix"], visual[1], tokens["suffix"], probes)
                 rows += [{"study": index, "word": p.word, "image": a, "mirrored": m}
@@ -129,7 +132,8 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     n = summary["side_words"]
     if not n:
         return f"# {title}\n\nNo side words in the reference reports.\n"
-    return (f"# {title}\n\n| measure | value |\n|---|---|\n"
+    command = f"`{summary['command']}`\n\n" if summary.get("command") else ""
+    return (f"# {title}\n\n{command}| measure | value |\n|---|---|\n"
             f"| side words (studies) | {n} ({summary['studies_with_side_words']}) |\n"
             f"| correct side preferred, image | {summary['correct_side_preferred']}/{n} |\n"
             f"| correct side preferred, mirrored image | {summary['correct_side_preferred_mirrored']}/{n} |\n"
