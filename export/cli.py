@@ -31,7 +31,6 @@ DEMO_QUANTS = "q8_0"
 @click.option("--int8", is_flag=True, help="Also ship a static INT8 (QDQ) frontend calibrated on the run's training split.")
 @click.option("--tensorrt", is_flag=True, help="Also build a TensorRT FP16 engine (needs tensorrt and a CUDA GPU; "
                                                "otherwise skipped with a notice).")
-@click.option("--tensorrt-max-batch", type=int, default=4, show_default=True, help="Largest batch the engine accepts.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
               help="The run's PadChest-format CSV: parity images come from its test split and INT8 calibration "
                    "images from its training split [default: synthetic phantoms].")
@@ -44,8 +43,8 @@ DEMO_QUANTS = "q8_0"
 @click.option("--no-hf", is_flag=True, help="Do not keep the merged HF folder in the bundle (it is only for inspection).")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@cli_errors(interrupted="interrupted; the partial build is left in OUT.partial")
-def main(run_dir, demo, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples, e2e_tokens, thresholds,
+@cli_errors(interrupted="interrupted; the partial build was removed and no bundle was written")
+def main(run_dir, demo, out_dir, quants, int8, tensorrt, data, images, samples, e2e_tokens, thresholds,
          no_hf, threads, force) -> None:
     """Export a training run (RUN_DIR: the --out of radixpert-train, one of its checkpoints, or a folder
     from radixpert-train pack) to a bundle: merged LLM as GGUF (+ quantized), frontend as ONNX, parity
@@ -59,7 +58,7 @@ def main(run_dir, demo, out_dir, quants, int8, tensorrt, tensorrt_max_batch, dat
 
     console = Console(stderr=True, soft_wrap=True)
     run_dir, out_dir, quants = _resolve_source(run_dir, demo, out_dir, quants)
-    manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples,
+    manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, data, images, samples,
                           e2e_tokens, thresholds, no_hf, threads, force, console)
     print_summary(console, manifest, Path(out_dir))
 
@@ -79,7 +78,7 @@ def _resolve_source(run_dir: str | None, demo: bool, out_dir: str | None, quants
     return run_dir, out_dir, quants or DEFAULT_QUANTS
 
 
-def run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, data, images, samples, e2e_tokens,
+def run_export(run_dir, out_dir, quants, int8, tensorrt, data, images, samples, e2e_tokens,
                thresholds, no_hf, threads, force, console):
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -90,7 +89,7 @@ def run_export(run_dir, out_dir, quants, int8, tensorrt, tensorrt_max_batch, dat
         raise UsageError("--samples and --e2e-tokens must be at least 1")
     options = ExportOptions(
         quants=tuple(q.strip().lower() for q in quants.split(",") if q.strip()),
-        int8=int8, tensorrt=tensorrt, tensorrt_max_batch=tensorrt_max_batch, samples=samples,
+        int8=int8, tensorrt=tensorrt, samples=samples,
         e2e_tokens=e2e_tokens, thresholds=parse_thresholds(thresholds), data=data, images=images,
         keep_hf=not no_hf, threads=threads, force=force, console=console,
     )

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from radixpert.config import RadixpertConfig
-from radixpert.errors import ModelError, UsageError
+from radixpert.errors import ModelError, UsageError, first_line
 from radixpert.model import Frontend
 from radixpert.runtime.frontend import CPU, INPUT_NAME, OUTPUT_NAMES, OnnxFrontend, diff_stats
 
@@ -37,11 +37,6 @@ OPSET = 20
 # Protobuf refuses messages over 2 GiB; keep a margin for the graph itself.
 INLINE_LIMIT_BYTES = 1_800_000_000
 MAX_EXPORT_BATCH = 4096
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:300]
 
 
 def _tensor_bytes(module: nn.Module) -> int:
@@ -94,7 +89,7 @@ def _export(
             )
     except Exception as exc:  # the dynamo exporter raises many error types
         raise ModelError(
-            f"ONNX export of {type(module).__name__} failed ({exc.__class__.__name__}: {_first_line(exc)}); "
+            f"ONNX export of {type(module).__name__} failed ({exc.__class__.__name__}: {first_line(exc)}); "
             "check that torch, onnx and onnxscript match the versions in pyproject.toml"
         ) from exc
     if program is None:
@@ -116,7 +111,7 @@ def check_onnx(path: Path, input_names: Sequence[str], output_names: Sequence[st
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        raise ModelError(f"exported ONNX {path} failed onnx.checker: {_first_line(exc)}") from None
+        raise ModelError(f"exported ONNX {path} failed onnx.checker: {first_line(exc)}") from None
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
@@ -300,11 +295,11 @@ def quantize_frontend_int8(
         except (ModelError, UsageError):
             raise
         except Exception as exc:
-            raise ModelError(f"INT8 quantization of {src} failed ({exc.__class__.__name__}: {_first_line(exc)})") from exc
+            raise ModelError(f"INT8 quantization of {src} failed ({exc.__class__.__name__}: {first_line(exc)})") from exc
     try:
         onnx.checker.check_model(str(dst))
     except Exception as exc:
-        raise ModelError(f"quantized ONNX {dst} failed onnx.checker: {_first_line(exc)}") from None
+        raise ModelError(f"quantized ONNX {dst} failed onnx.checker: {first_line(exc)}") from None
     return dst
 
 

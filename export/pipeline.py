@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from radixpert.atomic import commit, file_lock, partial_path, remove, remove_stale
 from radixpert.bundle import (FORMAT, FORMAT_VERSION, LABELS, MANIFEST, file_entry, label_table, portable_config,
                               seal_manifest, sha256_of)
-from radixpert.errors import ModelError, ParityError, RadixpertError, UsageError
+from radixpert.errors import ModelError, ParityError, UsageError
 from radixpert.export import parity
 from radixpert.export.gguf import QUANTS, quantize_gguf, write_gguf
 from radixpert.export.merge import load_run, merge_lora, save_merged
@@ -39,7 +39,6 @@ from radixpert.runtime.llm import LlamaRunner
 FRONTEND_FILE = "frontend.onnx"
 FRONTEND_INT8_FILE = "frontend-int8.onnx"
 FRONTEND_TORCH_FILE = "frontend.safetensors"  # the same frontend for PyTorch (radixpert-bench compare)
-ENGINE_FILE = "frontend-fp16.engine"
 HF_DIR = "hf"
 
 
@@ -48,7 +47,6 @@ class ExportOptions:
     quants: tuple[str, ...] = ("f16", "q4_k_m")
     int8: bool = False
     tensorrt: bool = False
-    tensorrt_max_batch: int = 4
     samples: int = 2
     e2e_tokens: int = 48
     thresholds: dict[str, float] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
@@ -328,11 +326,3 @@ def tensorrt_step(options: ExportOptions, steps: StepLog, onnx_path: Path, work:
         failures += parity.judge("tensorrt", result["visual_tokens"], options.thresholds)
     return result
 
-
-def describe_failure(exc: BaseException) -> RadixpertError:
-    """Map library errors that reach the export to one-line errors."""
-    if isinstance(exc, RadixpertError):
-        return exc
-    if isinstance(exc, OSError) and exc.errno == 28:
-        return UsageError("the disk filled up during export; free some space and run it again")
-    return RadixpertError(f"export failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

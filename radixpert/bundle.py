@@ -6,7 +6,6 @@ Layout::
     frontend.onnx          image -> (visual tokens, anatomy maps), fp32, dynamic batch
     frontend-int8.onnx     optional static INT8 (QDQ) frontend
     frontend.safetensors   the same frontend's PyTorch weights (the eager reference of radixpert-bench)
-    frontend-fp16.engine   optional TensorRT engine (built on, and only valid for, its GPU)
     llm-<quant>.gguf       the merged LLM, one file per quantization
     labels.json            anatomy label names and overlay colours
     hf/                    the merged HF folder, kept for inspection (not needed to run)

@@ -245,7 +245,7 @@ def _static(shape: Sequence[Any], axis: int) -> int | None:
 
 # --------------------------------------------------------------------------- timing
 # Timing lives here, torch-free, and export runs it in a fresh process: torch's and ORT's
-# thread pools fight when both live in one process (3-20x slowdowns, BRIEF section 6).
+# thread pools fight when both live in one process (3-20x slowdowns measured on 2-core machines).
 
 
 def time_pipelines(
