@@ -97,6 +97,7 @@ def pretrain_text_llm(config: RadixpertConfig, reports: list[str], settings: Abl
 
     import torch
 
+    from radixpert.atomic import atomic_build
     from radixpert.hf_models import load_llm
     from radixpert.prompt import DEFAULT_TEMPLATE
 
@@ -123,10 +124,9 @@ def pretrain_text_llm(config: RadixpertConfig, reports: list[str], settings: Abl
         optimizer.step()
         if progress:
             progress("LLM text pretraining", {"step": step + 1, "loss": float(loss.detach())}, settings.llm_pretrain_steps)
-    tmp = folder.with_name(folder.name + ".partial")
-    llm.eval().save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    tmp.rename(folder)
+    with atomic_build(folder) as partial:
+        llm.eval().save_pretrained(str(partial))
+        tokenizer.save_pretrained(str(partial))
     return folder
 
 
