@@ -95,8 +95,20 @@ def test_encoder_loss_falls_and_weights_load(phantom_splits, tiny_config, tmp_pa
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     encoder = TinyCNNEncoder(tiny_config)
     load_safetensors_into(encoder, tmp_path / "encoder.safetensors", "encoder")  # strict: no head, no prefix
+    # The file holds the trained encoder, not the one the run started from (same seed, one step at
+    # a negligible learning rate: lr must be positive).
+    start = dataclasses.replace(settings, steps=1, lr=1e-12)
+    train_encoder(tiny_config, train, val, start, tmp_path / "start")
+    initial = TinyCNNEncoder(tiny_config)
+    load_safetensors_into(initial, tmp_path / "start" / "encoder.safetensors", "encoder")
+    trained_state, initial_state = encoder.state_dict(), initial.state_dict()
+    assert all(not torch.allclose(trained_state[k], initial_state[k], atol=1e-4) for k in trained_state if k.endswith("weight"))
+    # AUROC is undefined exactly where the held-out set lacks a class; the macro mean skips those.
     assert set(metrics["auroc"]) == {"cardiomegaly", "pleural effusion", "pneumothorax", "nodule", "consolidation"}
-    assert metrics["macro_auroc"] is None or 0.0 <= metrics["macro_auroc"] <= 1.0
+    undefined = [f for f, value in metrics["auroc"].items() if value is None]
+    assert undefined == [f for f, prevalence in metrics["val_prevalence"].items() if prevalence in (0.0, 1.0)]
+    defined = [value for value in metrics["auroc"].values() if value is not None]
+    assert metrics["macro_auroc"] == (pytest.approx(np.mean(defined), abs=1e-4) if defined else None)
     assert json.loads((tmp_path / "encoder_metrics.json").read_text())["settings"]["pool"] == pool
 
 
@@ -126,12 +138,15 @@ def test_sided_encoder_continues_from_earlier_weights(phantom_splits, tiny_confi
     before, after = TinyCNNEncoder(tiny_config), TinyCNNEncoder(tiny_config)
     load_safetensors_into(before, start, "encoder")
     load_safetensors_into(after, tmp_path / "b" / "encoder.safetensors", "encoder")
-    torch.manual_seed(0)
-    fresh = TinyCNNEncoder(tiny_config).state_dict()
+    # The same run without --init-from: where run b would have started had the file been ignored.
+    ignored = dataclasses.replace(resumed, init_from=None)
+    train_encoder(tiny_config, train, val, ignored, tmp_path / "ignored")
+    own_start = TinyCNNEncoder(tiny_config)
+    load_safetensors_into(own_start, tmp_path / "ignored" / "encoder.safetensors", "encoder")
     weights = [key for key, value in before.state_dict().items() if key.endswith("weight")]
     for key in weights:  # BatchNorm running statistics move with any forward pass; the weights barely do
         torch.testing.assert_close(after.state_dict()[key], before.state_dict()[key], atol=1e-6, rtol=1e-6)
-    assert any(not torch.allclose(fresh[key], before.state_dict()[key], atol=1e-4) for key in weights)
+    assert all(not torch.allclose(own_start.state_dict()[key], before.state_dict()[key], atol=1e-4) for key in weights)
     assert "side_macro_auroc" in metrics and metrics["settings"]["sided"] is True
 
 

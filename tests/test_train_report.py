@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from radixpert.config import get_config
-from radixpert.model import Frontend
+from radixpert.model import Frontend, build_model
 from radixpert.train.cli import cli
 from radixpert.train.data import ImageCache, patient_split, read_table, select
 from radixpert.train.report import (
@@ -63,7 +63,9 @@ def full_run(tmp_path_factory, splits, experts):
     return config, model, rows, out
 
 
-def test_loss_halves_over_100_steps(full_run):
+def test_loss_halves_over_100_steps(full_run, splits):
+    from radixpert.evaluation.labeler import label_report, present
+
     _, _, rows, out = full_run
     losses = [r["loss"] for r in rows]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -71,7 +73,13 @@ def test_loss_halves_over_100_steps(full_run):
     assert last <= 0.5 * first
     assert (out / "checkpoints" / "step-000100" / "adapter" / "adapter_model.safetensors").exists()
     assert "val_loss" in rows[-1] and isinstance(rows[-1]["samples"][0], str)
-    assert 0.0 <= rows[-1]["val_micro_f1"] <= 1.0
+    # The logged micro-F1 scores the logged sample against its own held-out report, counted here.
+    (sample,), reference = rows[-1]["samples"], splits[1][0].report
+    said, truth = set(present(label_report(sample))), set(present(label_report(reference)))
+    tp = len(said & truth)
+    expected = 2 * tp / (len(said) + len(truth)) if tp else 0.0
+    print(f"sample {sample!r} vs reference {reference!r}: micro-F1 {expected:.3f}")
+    assert rows[-1]["val_micro_f1"] == pytest.approx(expected)
 
 
 def test_experts_and_base_llm_are_bit_identical_after_training(full_run, experts):
@@ -136,10 +144,12 @@ def test_init_from_starts_from_a_runs_weights_with_a_fresh_schedule(full_run, sp
     for name, value in model.named_parameters():
         if value.requires_grad:
             torch.testing.assert_close(value, expected[name])
-    fresh, _ = train_report(config, splits[0], [], TrainSettings(**{**SETTINGS, "steps": 1, "lr": 0.0, "warmup_steps": 1}),
-                            tmp_path / "fresh", seed=3)
-    fusion = dict(fresh.frontend.fusion.named_parameters())
-    assert not torch.equal(fusion["mask_proj.weight"], trained.frontend.fusion.mask_proj.weight)
+    # The same run without --init-from keeps its own start, which is not the source's weights.
+    plain, _ = train_report(config, splits[0], [], TrainSettings(**{**SETTINGS, "steps": 1, "lr": 0.0, "warmup_steps": 1}),
+                            tmp_path / "plain", seed=3)
+    start = dict(plain.named_parameters())
+    assert all(not torch.allclose(start[name], value) for name, value in expected.items()
+               if name.endswith(("mask_proj.weight", "lora_B.default.weight")))
 
 
 def test_side_targets_read_finding_and_side_from_the_report():
@@ -206,8 +216,12 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(phantoms, tmp_path):
     rank0, rank1 = (load_file(str(tmp_path / "run" / f"rank{r}.safetensors")) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    initial = Frontend(get_config("tiny"))  # training moved the weights away from any fresh init
-    assert not torch.equal(rank0["frontend.fusion.mask_proj.weight"], initial.fusion.mask_proj.weight)
+    torch.manual_seed(0)  # the weights both ranks started from: train_report seeds before it builds
+    initial = dict(build_model(get_config("tiny")).named_parameters())
+    for key in ("frontend.fusion.mask_proj.weight", "frontend.fusion.projector.0.weight"):
+        moved = (rank0[key] - initial[key]).abs().max().item()
+        # Six AdamW steps at lr <= 2e-2 move a weight by at most about 6 x 2e-2 from where it began.
+        assert 0 < moved <= 0.13, (key, moved)
 
 
 def test_cli_help_and_bad_input(tmp_path):
