@@ -127,15 +127,16 @@ def compare(bundle_dir: str, quant: str | None, device: str | None, **common: An
 @main.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
 @click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
-@click.option("--settings", "setting_names", default="passive,spin,spin-1-thread", show_default=True,
+@click.option("--settings", "setting_names", default="adaptive,spin,passive,spin-1-thread", show_default=True,
               help="Thread settings to compare, comma-separated (the first is the reference for idle speed).")
 @_options
 @cli_errors()
 def contention(bundle_dir: str, quant: str | None, setting_names: str, **common: Any) -> None:
     """Report time idle vs beside one CPU-bound neighbour process, per thread-wait setting.
 
-    passive: idle worker threads sleep (the default); spin: they spin (RADIXPERT_THREAD_WAIT=spin);
-    spin-1-thread: spinning with one thread. Each condition runs in fresh runtime processes,
+    adaptive: no --threads, the runtime picks its LLM threads from the idle CPUs before each report
+    (the default); spin: --threads fixed, threads spin while they wait (the behaviour before);
+    passive: --threads fixed, nothing spins; spin-1-thread: one thread. Each condition runs in fresh runtime processes,
     alternating idle and loaded within this invocation; the slow-down ratios are the result.
     """
     from radixpert.benchmarks.contention import SETTINGS, markdown, measure_contention

@@ -3,7 +3,7 @@
 llama.cpp's and ONNX Runtime's worker threads can spin while they wait for each other. On an
 idle machine that saves a few microseconds per step; beside another busy process, a spinning
 thread burns the core that the thread it waits for needs, and every step waits for the slowest
-thread. Each setting below runs in fresh runtime processes (``benchmarks.worker``), idle and
+thread. runtime/threads.py explains the default this chose. Each setting runs in fresh runtime processes (``benchmarks.worker``), idle and
 with a ``while True: pass`` neighbour, alternating within one invocation so that machine drift
 cancels; what matters is the ratio loaded / idle of each setting, measured in the same run.
 """
@@ -16,13 +16,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from radixpert.runtime.threads import THREAD_WAIT_ENV
+from radixpert.runtime.threads import THREAD_POLICY_ENV
 
-# name -> (environment, threads or None for the runtime's default)
+# name -> (environment, threads: a number, or None for the runtime's own choice)
 SETTINGS: dict[str, tuple[dict[str, str], int | None]] = {
-    "passive": ({THREAD_WAIT_ENV: "passive"}, None),
-    "spin": ({THREAD_WAIT_ENV: "spin"}, None),
-    "spin-1-thread": ({THREAD_WAIT_ENV: "spin"}, 1),
+    "adaptive": ({THREAD_POLICY_ENV: "adaptive"}, None),
+    "spin": ({THREAD_POLICY_ENV: "spin"}, 0),
+    "passive": ({THREAD_POLICY_ENV: "passive"}, 0),
+    "spin-1-thread": ({THREAD_POLICY_ENV: "spin"}, 1),
 }
 NEIGHBOUR = [sys.executable, "-c", "while True: pass"]
 
@@ -43,7 +44,8 @@ def measure_contention(spec: dict[str, Any], settings: list[str], rounds: int,
     for r in range(rounds):
         for name in settings:
             env, threads = SETTINGS[name]
-            run_spec = {**spec, "engine": "runtime", "threads": threads or spec["threads"]}
+            # 0: the benchmark's --threads, fixed; None: no --threads, the runtime chooses.
+            run_spec = {**spec, "engine": "runtime", "threads": spec["threads"] if threads == 0 else threads}
             for load in (("idle", "neighbour") if r % 2 == 0 else ("neighbour", "idle")):
                 neighbour = start_neighbour() if load == "neighbour" else None
                 try:
@@ -81,7 +83,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"| setting | threads | idle | with neighbour | slow-down | idle vs {first} |", "|---|---|---|---|---|---|"]
     for name in settings:
         row = result["rows"][name]
-        threads = SETTINGS[name][1] or result["params"]["threads"]
+        chosen = SETTINGS[name][1]
+        threads = {0: result["params"]["threads"], None: "from load"}.get(chosen, chosen)
         lines.append(f"| {name} | {threads} | {row['idle_ms']:.0f} | {row['neighbour_ms']:.0f} | "
                      f"{row['slowdown']:.2f}x | {row['idle_vs_' + first]:.2f}x |")
     return "\n".join(lines) + "\n"

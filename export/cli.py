@@ -125,7 +125,8 @@ def print_summary(console, manifest: dict, out: Path) -> None:
     checks.add_row("TensorRT", "built" if trt.get("built") else f"skipped: {trt.get('reason', '')}")
     for quant, values in result["llm"].items():
         e2e = result["e2e"][quant]
-        checks.add_row(f"LLM {quant}", f"cos {values['min_cosine']:.6f}  max|Δ| {values['max_abs']:.3g}  "
+        checks.add_row(f"LLM {quant}", f"cos {values['min_cosine']:.6f}  max|Δ| {values['max_abs']:.3g} "
+                                       f"(rel {values.get('max_rel', float('nan')):.2e})  "
                                        f"argmax {values['argmax']:.0%}  over {values['positions']} positions")
         checks.add_row(f"end to end {quant}", f"token match {e2e['token_match']:.0%}  ({e2e['identical']}/{e2e['images']} identical)")
     console.print(checks)

@@ -58,7 +58,7 @@ def _looks_like_scan(path: Path) -> bool:
 @click.option("--overlay", is_flag=True, help="Write a PNG of the scan with the anatomy maps the LLM was given.")
 @click.option("--stream", is_flag=True, help="Print the report token by token as it is written (text format).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=None, help="Report length limit [default: the bundle's].")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for ONNX Runtime and llama.cpp.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for ONNX Runtime and llama.cpp [default: llama.cpp takes the idle CPUs, chosen before each report; see RADIXPERT_THREAD_POLICY in the README].")
 @click.option("--providers", default=None, help="ONNX Runtime providers in order, e.g. cuda,cpu [default: tensorrt, "
                                                  "cuda, cpu, those available].")
 @click.option("--quant", default=None, help="Which LLM file of the bundle to use [default: the bundle's default].")

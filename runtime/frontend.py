@@ -149,7 +149,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     from radixpert.runtime.threads import ort_allow_spinning
 
     options = ort.SessionOptions()
-    # Idle workers sleep instead of spinning unless RADIXPERT_THREAD_WAIT=spin (runtime/threads.py).
+    # Idle workers sleep instead of spinning unless RADIXPERT_THREAD_POLICY=spin (runtime/threads.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", ort_allow_spinning())
     options.add_session_config_entry("session.inter_op.allow_spinning", ort_allow_spinning())
     if threads is not None:

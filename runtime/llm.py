@@ -114,6 +114,7 @@ class LlamaRunner:
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
+        self.threads_now = self.threads
         ctx_params.n_threads = self.threads
         ctx_params.n_threads_batch = self.threads
         # Keep every sliding-window layer's cache whole, so trimming back to the cached
@@ -184,6 +185,12 @@ class LlamaRunner:
             self.close()
         except Exception:
             pass
+
+    def set_threads(self, threads: int) -> None:
+        """Use ``threads`` CPU threads from the next decode on (between 1 and the thread count it was built with)."""
+        self._check_open()
+        self.threads_now = max(1, min(int(threads), self.threads))
+        self._c.llama_set_n_threads(self._ctx, self.threads_now, self.threads_now)
 
     # --- vocabulary ----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -19,6 +19,7 @@ from radixpert.errors import InputError
 from radixpert.imageio import letterbox_resize, normalize_imagenet, read_display
 from radixpert.runtime.frontend import OnnxFrontend, frontend_path
 from radixpert.runtime.llm import LlamaRunner
+from radixpert.runtime.threads import thread_policy, threads_for_load
 
 # Smaller images are thumbnails or icons, not radiographs worth a draft report.
 MIN_SIDE = 64
@@ -63,6 +64,8 @@ class Reporter:
         self.quant = quant or bundle.manifest["llm"]["default_quant"]
         self.llm = LlamaRunner(bundle.llm_path(self.quant), n_ctx=bundle.manifest["llm"]["n_ctx"], threads=threads,
                                gpu_layers=gpu_layers)
+        # With no --threads, a CPU LLM takes as many threads as there are idle CPUs, per report.
+        self.adaptive_threads = threads is None and thread_policy() == "adaptive" and self.llm.gpu_layers == 0
         self.load_s = time.perf_counter() - started
         tokens = bundle.token_ids
         self.prefix_ids: list[int] = tokens["prefix"]
@@ -97,6 +100,9 @@ class Reporter:
         t2 = time.perf_counter()
         visual, masks = self.frontend.run(image)
         t3 = time.perf_counter()
+        if self.adaptive_threads:
+            # Sampled after the frontend, whose threads are asleep by now (runtime/threads.py).
+            self.llm.set_threads(threads_for_load(self.llm.threads))
         stream = _Utf8Stream(self.llm, on_token) if on_token is not None else None
         result = self.llm.generate(self.prefix_ids, visual[0], self.suffix_ids, max_new_tokens or self.max_new_tokens,
                                    self.stop_ids, ignore_eos=ignore_eos, on_token=stream)
@@ -116,6 +122,7 @@ class Reporter:
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "new_tokens": len(result.tokens),
             "total_ms": (t4 - t0) * 1e3,
+            "llm_threads": self.llm.threads_now,
         }
         return ScanReport(str(path), meta.get("sop_instance_uid"), meta["source"], text, result.tokens, result.stopped,
                           timings, list(meta["warnings"]), display, masks[0])
