@@ -28,7 +28,8 @@ DEMO_QUANTS = "q8_0"
               help="Bundle folder to create [required, except with --demo: $RADIXPERT_CACHE or "
                    "~/.cache/radixpert/bundles/demo].")
 @click.option("--quant", "quants", default=None, help=QUANT_HELP)
-@click.option("--int8", is_flag=True, help="Also ship a static INT8 (QDQ) frontend calibrated on the run's training split.")
+@click.option("--int8", is_flag=True, help="Also ship a static INT8 (QDQ) frontend calibrated on the run's training split "
+                                           "(always with --demo, so that radixpert-run --frontend int8 works on it).")
 @click.option("--tensorrt", is_flag=True, help="Also build a TensorRT FP16 engine (needs tensorrt and a CUDA GPU; "
                                                "otherwise skipped with a notice).")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
@@ -58,6 +59,7 @@ def main(run_dir, demo, out_dir, quants, int8, tensorrt, data, images, samples, 
 
     console = Console(stderr=True, soft_wrap=True)
     run_dir, out_dir, quants = _resolve_source(run_dir, demo, out_dir, quants)
+    int8 = int8 or demo
     manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, data, images, samples,
                           e2e_tokens, thresholds, no_hf, threads, force, console)
     print_summary(console, manifest, Path(out_dir))
