@@ -42,7 +42,8 @@ def _with_experts(run_dir: Path, tmp_path: Path) -> tuple[Path, dict[str, dict[s
 
 def test_pack_makes_a_checkpoint_that_loads_from_anywhere(run_dir, tmp_path, monkeypatch):
     from radixpert.export.merge import load_run
-    from radixpert.train.checkpoint import pack_checkpoint, verify_checksums
+    from radixpert.export.pack import pack_checkpoint
+    from radixpert.train.checkpoint import verify_checksums
 
     checkpoint, experts = _with_experts(run_dir, tmp_path)
     monkeypatch.chdir(tmp_path / "train")  # relative expert paths resolve from where training ran
@@ -68,7 +69,7 @@ def test_pack_makes_a_checkpoint_that_loads_from_anywhere(run_dir, tmp_path, mon
 
 
 def test_pack_refuses_a_missing_expert(run_dir, tmp_path, monkeypatch):
-    from radixpert.train.checkpoint import pack_checkpoint
+    from radixpert.export.pack import pack_checkpoint
 
     checkpoint, _ = _with_experts(run_dir, tmp_path)
     monkeypatch.chdir(tmp_path)  # not where training ran: experts/ is not here

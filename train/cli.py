@@ -261,7 +261,8 @@ def pack(run_dir, out_dir):
     encoder and segmenter it was trained with, all with sha256 checksums. Optimizer state stays behind.
     Run it from the folder training ran in, so relative expert paths resolve.
     """
-    from radixpert.train.checkpoint import pack_checkpoint, resolve_checkpoint
+    from radixpert.export.pack import pack_checkpoint
+    from radixpert.train.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run_dir)
     out = pack_checkpoint(checkpoint, Path(out_dir))
