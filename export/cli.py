@@ -67,14 +67,16 @@ def main(run_dir, demo, out_dir, quants, int8, tensorrt, data, images, samples, 
 
 def _resolve_source(run_dir: str | None, demo: bool, out_dir: str | None, quants: str | None) -> tuple[str, str, str]:
     """(run folder, bundle folder, quantizations) from RUN_DIR or --demo."""
-    from radixpert.paths import DEMO_CHECKPOINT, demo_bundle_dir
+    from radixpert.paths import demo_bundle_dir, demo_checkpoint
 
     if demo and run_dir:
         raise UsageError("pass either RUN_DIR or --demo, not both")
     if demo:
-        if not (DEMO_CHECKPOINT / "config.json").exists():
-            raise UsageError(f"this installation has no demo weights in {DEMO_CHECKPOINT}; reinstall radixpert-edge")
-        return str(DEMO_CHECKPOINT), out_dir or str(demo_bundle_dir()), quants or DEMO_QUANTS
+        weights = demo_checkpoint()
+        if not (weights / "config.json").exists():
+            raise UsageError(f"no demo weights in {weights}; reinstall radixpert-edge, or point RADIXPERT_DEMO_WEIGHTS "
+                             "at a folder from radixpert-train pack")
+        return str(weights), out_dir or str(demo_bundle_dir()), quants or DEMO_QUANTS
     if not run_dir or not out_dir:
         raise UsageError("pass RUN_DIR and --out DIR (or --demo for the demo bundle); see radixpert-export --help")
     return run_dir, out_dir, quants or DEFAULT_QUANTS

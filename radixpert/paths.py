@@ -18,6 +18,14 @@ def cache_dir() -> Path:
 
 # The phantom-trained demo checkpoint shipped inside the package (see train/recipes/demo.sh).
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+DEMO_WEIGHTS_ENV = "RADIXPERT_DEMO_WEIGHTS"
+
+
+def demo_checkpoint() -> Path:
+    """The weights the default bundle is built from: ``$RADIXPERT_DEMO_WEIGHTS`` (a folder from
+    ``radixpert-train pack``, e.g. a site's own default model), else the shipped demo weights."""
+    configured = os.environ.get(DEMO_WEIGHTS_ENV)
+    return Path(configured).expanduser() if configured else DEMO_CHECKPOINT
 
 
 def demo_bundle_dir() -> Path:

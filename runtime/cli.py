@@ -217,9 +217,9 @@ def format_timings(name: str, t: dict[str, Any]) -> str:
 def warn_if_stale_demo(bundle, root: Path, err) -> None:
     """The cached demo bundle outlives upgrades: say when it was built from other demo weights."""
     from radixpert.bundle import sha256_of
-    from radixpert.paths import DEMO_CHECKPOINT, demo_bundle_dir
+    from radixpert.paths import demo_bundle_dir, demo_checkpoint
 
-    shipped = DEMO_CHECKPOINT / "checksums.json"
+    shipped = demo_checkpoint() / "checksums.json"
     if root != demo_bundle_dir() or not shipped.exists():
         return
     if bundle.manifest.get("source", {}).get("checksums_sha256") != sha256_of(shipped):
