@@ -23,8 +23,8 @@ import numpy as np
 
 from radixpert.bundle import Bundle
 from radixpert.imageio import letterbox_resize, normalize_imagenet, read_display
-from radixpert.runtime.frontend import OnnxFrontend
 from radixpert.runtime.llm import LlamaRunner
+from radixpert.runtime.pipeline import Reporter
 
 # Side words of the reports and their opposites (the labeler's vocabulary; see labeler.py).
 OPPOSITE = {
@@ -90,22 +90,27 @@ def image_and_mirror(path: Path, size: int) -> np.ndarray:
 
 
 def mirror_probe(bundle: Bundle, studies: Iterable[tuple[str, str]], threads: int | None = None,
-                 frontend_role: str = "frontend", progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Side preference with the image and with its mirror, over ``(image path, reference report)`` pairs."""
-    frontend = OnnxFrontend(bundle.path_of(frontend_role) or bundle.path_of("frontend"), threads=threads)
-    tokens = bundle.token_ids
+                 frontend: str = "fp32", progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Side preference with the image and with its mirror, over ``(image path, reference report)`` pairs.
+
+    The engines are loaded as ``radixpert-run`` loads them, by the runtime's own :class:`Reporter`.
+    """
+    reporter = Reporter(bundle, threads=threads, frontend_variant=frontend)
+    runner = reporter.llm
     rows: list[dict[str, Any]] = []
-    with LlamaRunner(bundle.llm_path(), n_ctx=bundle.manifest["llm"]["n_ctx"], threads=threads) as runner:
+    try:
         for index, (path, report) in enumerate(studies):
             probes = side_probes(runner, index, report)
             if probes:
-                visual, _ = frontend.run(image_and_mirror(Path(path), bundle.config.image_size))
-                as_is = preference(runner, tokens["prefix"], visual[0], tokens["suffix"], probes)
-                mirrored = preference(runner, tokens["prefix"], visual[1], tokens["suffix"], probes)
+                visual, _ = reporter.frontend.run(image_and_mirror(Path(path), reporter.image_size))
+                as_is = preference(runner, reporter.prefix_ids, visual[0], reporter.suffix_ids, probes)
+                mirrored = preference(runner, reporter.prefix_ids, visual[1], reporter.suffix_ids, probes)
                 rows += [{"study": index, "word": p.word, "image": a, "mirrored": m}
                          for p, a, m in zip(probes, as_is, mirrored)]
             if progress is not None:
                 progress(index + 1)
+    finally:
+        reporter.close()
     return summarize(rows, bundle)
 
 

@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from radixpert.bundle import sha256_of
 from radixpert.errors import InputError, UsageError
 from radixpert.imageio import letterbox_resize
 
@@ -60,15 +61,10 @@ def input_id(path: str | os.PathLike[str]) -> str:
     reversed by trying every number. ``sha256sum FILE`` gives the same digits, so a user who has
     the files can map results back. A file that cannot be read is named by a hash of its path.
     """
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
+        return f"sha256:{sha256_of(path)[:16]}"
     except OSError:
-        digest = hashlib.sha256(os.fsencode(os.fspath(path)))
-        return f"path-sha256:{digest.hexdigest()[:16]}"
-    return f"sha256:{digest.hexdigest()[:16]}"
+        return f"path-sha256:{hashlib.sha256(os.fsencode(os.fspath(path))).hexdigest()[:16]}"
 
 
 def scrub(message: str, path: str | os.PathLike[str], label: str) -> str:
