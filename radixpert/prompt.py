@@ -76,10 +76,6 @@ class PromptTemplate:
         return f"{END_OF_IMAGE}{END_OF_TURN}\n{START_OF_TURN}model\n"
 
     @property
-    def end_of_report(self) -> str:
-        return END_OF_TURN
-
-    @property
     def stop_strings(self) -> tuple[str, ...]:
         """Generation stops at the first of these tokens."""
         return (END_OF_TURN, EOS)
