@@ -37,6 +37,9 @@ DEMO_QUANTS = "q8_0"
                    "images from its training split [default: synthetic phantoms].")
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="Image root for --data, as in training.")
 @click.option("--samples", type=int, default=2, show_default=True, help="Images for the parity checks.")
+@click.option("--calibration", type=click.IntRange(min=8), default=200, show_default=True,
+              help="Training images that calibrate the runtime checks: the evidence guard's thresholds and the "
+                   "anatomy gate's ranges (from --data's training split, else phantoms).")
 @click.option("--e2e-tokens", type=int, default=48, show_default=True, help="Greedy tokens per image in the end-to-end check.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="Override a parity threshold, e.g. --threshold llm.q4_k_m.min_cosine=0.8 (repeatable). "
@@ -45,7 +48,7 @@ DEMO_QUANTS = "q8_0"
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @cli_errors(interrupted="interrupted; the partial build was removed and no bundle was written")
-def main(run_dir, demo, out_dir, quants, int8, tensorrt, data, images, samples, e2e_tokens, thresholds,
+def main(run_dir, demo, out_dir, quants, int8, tensorrt, data, images, samples, calibration, e2e_tokens, thresholds,
          no_hf, threads, force) -> None:
     """Export a training run (RUN_DIR: the --out of radixpert-train, one of its checkpoints, or a folder
     from radixpert-train pack) to a bundle: merged LLM as GGUF (+ quantized), frontend as ONNX, parity
@@ -61,7 +64,7 @@ def main(run_dir, demo, out_dir, quants, int8, tensorrt, data, images, samples, 
     run_dir, out_dir, quants = _resolve_source(run_dir, demo, out_dir, quants)
     int8 = int8 or demo
     manifest = run_export(run_dir, out_dir, quants, int8, tensorrt, data, images, samples,
-                          e2e_tokens, thresholds, no_hf, threads, force, console)
+                          e2e_tokens, thresholds, no_hf, threads, force, console, calibration=calibration)
     print_summary(console, manifest, Path(out_dir))
 
 
@@ -83,7 +86,7 @@ def _resolve_source(run_dir: str | None, demo: bool, out_dir: str | None, quants
 
 
 def run_export(run_dir, out_dir, quants, int8, tensorrt, data, images, samples, e2e_tokens,
-               thresholds, no_hf, threads, force, console):
+               thresholds, no_hf, threads, force, console, calibration: int = 200):
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from radixpert.export.parity import parse_thresholds
@@ -93,7 +96,7 @@ def run_export(run_dir, out_dir, quants, int8, tensorrt, data, images, samples, 
         raise UsageError("--samples and --e2e-tokens must be at least 1")
     options = ExportOptions(
         quants=tuple(q.strip().lower() for q in quants.split(",") if q.strip()),
-        int8=int8, tensorrt=tensorrt, samples=samples,
+        int8=int8, tensorrt=tensorrt, samples=samples, calibration=calibration,
         e2e_tokens=e2e_tokens, thresholds=parse_thresholds(thresholds), data=data, images=images,
         keep_hf=not no_hf, threads=threads, force=force, console=console,
     )

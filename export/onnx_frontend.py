@@ -31,7 +31,7 @@ from torch import nn
 from radixpert.config import RadixpertConfig
 from radixpert.errors import ModelError, UsageError, first_line
 from radixpert.model import Frontend
-from radixpert.runtime.frontend import CPU, INPUT_NAME, OUTPUT_NAMES, OnnxFrontend, diff_stats
+from radixpert.runtime.frontend import CPU, EVIDENCE_NAME, INPUT_NAME, OUTPUT_NAMES, OnnxFrontend, diff_stats
 
 OPSET = 20
 # Protobuf refuses messages over 2 GiB; keep a margin for the graph itself.
@@ -129,9 +129,14 @@ def _example_images(config: RadixpertConfig, device: torch.device, batch: int = 
     return torch.randn(batch, 3, config.image_size, config.image_size, generator=generator).to(device)
 
 
+def frontend_outputs(frontend: Frontend) -> list[str]:
+    """The graph's output names: visual_tokens, masks, and evidence when an encoder head is attached."""
+    return list(OUTPUT_NAMES) + ([EVIDENCE_NAME] if frontend.evidence is not None else [])
+
+
 def _check_frontend_shapes(frontend: Frontend, config: RadixpertConfig, example: torch.Tensor) -> None:
     with torch.no_grad():
-        tokens, masks = frontend(example)
+        tokens, masks = frontend(example)[:2]
     b, s = example.shape[0], config.image_size
     want_tokens = (b, config.num_visual_tokens, config.llm_dim)
     want_masks = (b, config.num_masks, s, s)
@@ -142,9 +147,11 @@ def _check_frontend_shapes(frontend: Frontend, config: RadixpertConfig, example:
         )
 
 
-def frontend_metadata(config: RadixpertConfig) -> dict[str, str]:
+def frontend_metadata(config: RadixpertConfig, frontend: Frontend | None = None) -> dict[str, str]:
     """Facts a runtime can read from the ONNX file itself (ORT custom metadata)."""
+    evidence = frontend.evidence if frontend is not None else None
     return {
+        **({"radixpert.evidence_outputs": json.dumps(evidence.outputs)} if evidence is not None else {}),
         "radixpert.config": config.name,
         "radixpert.image_size": str(config.image_size),
         "radixpert.num_visual_tokens": str(config.num_visual_tokens),
@@ -159,7 +166,8 @@ def export_frontend(frontend: Frontend, config: RadixpertConfig, out_path: str |
     example = _example_images(config, _device(frontend))
     with _eval_mode(frontend):
         _check_frontend_shapes(frontend, config, example)
-    return _export(frontend, (example,), [INPUT_NAME], list(OUTPUT_NAMES), Path(out_path), frontend_metadata(config))
+    return _export(frontend, (example,), [INPUT_NAME], frontend_outputs(frontend), Path(out_path),
+                   frontend_metadata(config, frontend))
 
 
 # --------------------------------------------------------------------------- timing
@@ -198,15 +206,14 @@ def frontend_parity(
 ) -> dict[str, Any]:
     """ORT (CPU unless ``providers``) vs PyTorch on the same images: max abs and relative L2 per output."""
     session = OnnxFrontend(onnx_path, providers=providers or [CPU])
-    tokens, masks = session.run(images)
+    outputs = session.run_outputs(images)
     with _eval_mode(frontend), torch.no_grad():
-        ref_tokens, ref_masks = frontend(torch.from_numpy(np.ascontiguousarray(images)).to(_device(frontend)))
-    return {
-        "visual_tokens": diff_stats(tokens, ref_tokens.float().cpu().numpy()),
-        "masks": diff_stats(masks, ref_masks.float().cpu().numpy()),
-        "images": int(images.shape[0]),
-        "providers": session.providers_used,
-    }
+        references = frontend(torch.from_numpy(np.ascontiguousarray(images)).to(_device(frontend)))
+    result: dict[str, Any] = {name: diff_stats(outputs[name], ref.float().cpu().numpy())
+                              for name, ref in zip(frontend_outputs(frontend), references)}
+    if set(outputs) != set(result):
+        raise ModelError(f"the ONNX frontend gives {sorted(outputs)}, PyTorch {sorted(result)}; re-export it")
+    return {**result, "images": int(images.shape[0]), "providers": session.providers_used}
 
 
 # --------------------------------------------------------------------------- static INT8
@@ -280,7 +287,10 @@ def quantize_frontend_int8(
         prepared = Path(tmp) / "prepared.onnx"
         try:
             # Shape inference and graph fusions first, as ORT's docs ask for static quantization.
-            quant_pre_process(str(src), str(prepared), save_as_external_data=large, all_tensors_to_one_file=True)
+            # ONNX's own shape inference only: ORT's symbolic one (made for transformers) loses the
+            # shape of the evidence head's ReduceMax (axes as an input since opset 18) and crashes.
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True, save_as_external_data=large,
+                              all_tensors_to_one_file=True)
             quantize_static(
                 str(prepared),
                 str(dst),

@@ -10,16 +10,18 @@ from radixpert.atomic import atomic_build
 from radixpert.errors import ModelError
 from radixpert.train.checkpoint import ADAPTER_DIR, FUSION_FILE, verify_checksums, write_checksums
 
-EXPERT_FILES = {"encoder_path": "encoder.safetensors", "segmenter_path": "segmenter.safetensors"}
+EXPERT_FILES = {"encoder_path": "encoder.safetensors", "encoder_head_path": "encoder_head.safetensors",
+                "segmenter_path": "segmenter.safetensors"}
 
 
-def pack_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
+def pack_checkpoint(checkpoint: Path, out_dir: Path, encoder_head: Path | None = None) -> Path:
     """Copy what inference needs from a checkpoint into a self-contained folder.
 
     The folder holds the config, fusion and LoRA adapter plus the frozen experts the config
     points to, which are copied in and referred to by relative paths; optimizer state and the
     split stay behind. ``checksums.json`` covers every file, so ``radixpert-export`` can take
-    the folder from anywhere and refuse a damaged copy.
+    the folder from anywhere and refuse a damaged copy. ``encoder_head`` adds (or replaces) the
+    encoder's presence/side head, e.g. one refitted by ``radixpert-train encoder-head``.
     """
     from radixpert.config import RadixpertConfig
 
@@ -38,6 +40,8 @@ def pack_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
             (adapter_out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n",
                                                              encoding="utf-8")
         located = config.resolve_paths(checkpoint)
+        if encoder_head is not None:
+            located = located.replace(encoder_head_path=str(Path(encoder_head).resolve()))
         moved: dict[str, str] = {}
         for key, name in EXPERT_FILES.items():
             source = getattr(located, key)

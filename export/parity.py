@@ -123,7 +123,7 @@ def gguf_text_logits(runner: LlamaRunner, model: RadixpertModel, visual_tokens: 
 def llm_parity(model: RadixpertModel, runner: LlamaRunner, images: torch.Tensor, continuation_tokens: int = 16
                ) -> dict[str, float]:
     """Logit parity over the suffix plus a fixed greedy continuation, for each image."""
-    visual, _ = model.frontend(images)
+    visual = model.frontend(images)[0]
     continuations = model.generate(images, max_new_tokens=continuation_tokens, ignore_stop=True)
     refs, cands = [], []
     for b in range(images.shape[0]):

@@ -31,7 +31,7 @@ from radixpert.errors import ModelError, ParityError, UsageError
 from radixpert.export import parity
 from radixpert.export.gguf import QUANTS, quantize_gguf, write_gguf
 from radixpert.export.merge import load_run, merge_lora, save_merged
-from radixpert.export.onnx_frontend import export_frontend, frontend_parity
+from radixpert.export.onnx_frontend import export_frontend, frontend_outputs, frontend_parity
 from radixpert.imageio import read_image
 from radixpert.model import RadixpertModel
 from radixpert.runtime.llm import LlamaRunner
@@ -48,6 +48,7 @@ class ExportOptions:
     int8: bool = False
     tensorrt: bool = False
     samples: int = 2
+    calibration: int = 200  # training images that calibrate the guard and the anatomy gate
     e2e_tokens: int = 48
     thresholds: dict[str, float] = field(default_factory=lambda: dict(parity.DEFAULT_THRESHOLDS))
     data: str | None = None  # PadChest-format CSV of the run: calibration and parity images
@@ -102,8 +103,17 @@ def check_disk_space(model: RadixpertModel, out: Path, options: ExportOptions) -
                          f"{free / 1e9:.1f} GB are free; free some space or pass --out elsewhere")
 
 
-def sample_images(model: RadixpertModel, options: ExportOptions, split: str, count: int, work: Path) -> np.ndarray:
-    """(count, 3, S, S) model inputs: the run's own split when --data is given, else phantoms."""
+@dataclass
+class Samples:
+    """Images of one split read through the runtime's reader, with their reference reports."""
+
+    images: np.ndarray  # (N, 3, S, S) float32 model inputs
+    reports: list[str]
+    shapes: list[tuple[int, int]]  # each display image's (height, width), for the letterbox geometry
+
+
+def sample_studies(model: RadixpertModel, options: ExportOptions, split: str, count: int, work: Path) -> Samples:
+    """``count`` studies of a split: the run's own split when --data is given, else phantoms of a fixed seed."""
     size = model.config.image_size
     if options.data:
         from radixpert.train.data import load_split, read_table, select
@@ -111,15 +121,22 @@ def sample_images(model: RadixpertModel, options: ExportOptions, split: str, cou
         checkpoint_split = options.split_path
         studies = read_table(options.data, images=options.images, projections=None)
         ids = load_split(checkpoint_split)[split] if checkpoint_split else [s.image_id for s in studies]
-        chosen = select(studies, ids)[:count]
-        return np.stack([read_image(s.image_path, size).model_input for s in chosen]).astype(np.float32)
-    from radixpert.phantom import write_dataset
+        chosen = [(s.image_path, s.report) for s in select(studies, ids)[:count]]
+    else:
+        from radixpert.phantom import write_dataset
 
-    # Phantoms from a seed of their own; read through the runtime's DICOM reader like any scan.
-    table = write_dataset(work / f"phantoms-{split}", n=count, seed=9100 + len(split), size=512, workers=1)
-    with open(table, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    return np.stack([read_image(table.parent / row["DicomPath"], size).model_input for row in rows]).astype(np.float32)
+        # Phantoms from a seed of their own; read through the runtime's DICOM reader like any scan.
+        table = write_dataset(work / f"phantoms-{split}-{count}", n=count, seed=9100 + len(split), size=512, workers=1)
+        with open(table, newline="", encoding="utf-8") as handle:
+            chosen = [(table.parent / row["DicomPath"], row["Report"]) for row in csv.DictReader(handle)]
+    scans = [read_image(path, size) for path, _ in chosen]
+    return Samples(np.stack([s.model_input for s in scans]).astype(np.float32), [r for _, r in chosen],
+                   [tuple(s.display.shape) for s in scans])
+
+
+def sample_images(model: RadixpertModel, options: ExportOptions, split: str, count: int, work: Path) -> np.ndarray:
+    """(count, 3, S, S) model inputs of a split (see :func:`sample_studies`)."""
+    return sample_studies(model, options, split, count, work).images
 
 
 def template_token_ids(model: RadixpertModel) -> dict[str, Any]:
@@ -198,12 +215,20 @@ def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOpti
     with steps.step("frontend ONNX"):
         onnx_path = export_frontend(model.frontend, config, work / FRONTEND_FILE)
         results["frontend"] = frontend_parity(model.frontend, onnx_path, parity_images)
-        for output in ("visual_tokens", "masks"):
+        for output in frontend_outputs(model.frontend):
             failures += parity.judge("frontend", results["frontend"][output], options.thresholds)
         files.append((onnx_path, "frontend"))
         # The eager reference of radixpert-bench rebuilds Frontend(config) from these exact weights.
         save_file({k: v.detach().contiguous() for k, v in model.frontend.state_dict().items()}, str(work / FRONTEND_TORCH_FILE))
         files.append((work / FRONTEND_TORCH_FILE, "frontend-torch"))
+
+    evidence = model.frontend.evidence
+    evidence_outputs = list(evidence.outputs) if evidence is not None else None
+    with steps.step("calibrate checks"):
+        from radixpert.export.calibrate import calibrate_checks
+
+        calibration = sample_studies(model, options, "train", options.calibration, work / "tmp-data")
+        checks = calibrate_checks(onnx_path, calibration, config.mask_names, evidence_outputs, options.threads)
 
     if options.int8:
         from radixpert.export.onnx_frontend import measure_int8, quantize_frontend_int8
@@ -273,7 +298,11 @@ def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOpti
             "prompt": model.template.to_manifest(),
             "tokens": token_ids,
             "visual": {"num_tokens": config.num_visual_tokens, "dim": config.llm_dim, "image_size": config.image_size,
-                       "masks": config.num_masks, "input": "image", "outputs": ["visual_tokens", "masks"]},
+                       "masks": config.num_masks, "input": "image", "outputs": frontend_outputs(model.frontend),
+                       "evidence": ({"outputs": evidence_outputs, "pool": evidence.pool} if evidence is not None else
+                                    None)},
+            "checks": {**checks, "calibration_images": len(calibration.reports),
+                       "calibration_source": "the run's train split" if options.data else "phantoms (seed 9105)"},
             "llm": {"quants": list(options.quants), "default_quant": default_quant(options.quants), "n_ctx": n_ctx},
             "labels": LABELS,
             "parity": {**results, "thresholds": options.thresholds, "failures": failures, "passed": not failures},

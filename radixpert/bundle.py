@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radixpert.config import RadixpertConfig
+from radixpert.config import WEIGHT_PATHS, RadixpertConfig
 from radixpert.errors import ModelError
 from radixpert.paths import cache_dir, demo_bundle_dir
 from radixpert.prompt import PromptTemplate
@@ -106,7 +106,7 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
     The runtime never reads them (the bundle carries its weights); they only say what was used.
     """
     out = dict(config)
-    for key in ("encoder_path", "segmenter_path", "llm_path"):
+    for key in WEIGHT_PATHS:
         if out.get(key):
             out[key] = Path(str(out[key])).name
     return out

@@ -18,6 +18,8 @@ from typing import Any
 
 from radixpert.errors import UsageError
 
+# Config fields that name weight files.
+WEIGHT_PATHS = ("encoder_path", "encoder_head_path", "segmenter_path", "llm_path")
 MASK_NAMES: tuple[str, ...] = ("right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle")
 
 ENCODERS = ("tiny_cnn", "biovil")
@@ -42,6 +44,9 @@ class RadixpertConfig:
     # f_vis: the frozen vision encoder, stride image_size / grid_size.
     encoder: str = "tiny_cnn"
     encoder_path: str | None = None
+    # The encoder's presence/side head (radixpert-train encoder or encoder-head): the image's own
+    # evidence for the report checks, exported as the frontend's third output. None: no evidence.
+    encoder_head_path: str | None = None
     encoder_width: int = 16
     vision_dim: int = 64  # D_v
 
@@ -166,7 +171,7 @@ class RadixpertConfig:
         working directory, as they were given at training time.
         """
         resolved: dict[str, Any] = {}
-        for key in ("encoder_path", "segmenter_path", "llm_path"):
+        for key in WEIGHT_PATHS:
             value = getattr(self, key)
             if value and not Path(value).is_absolute() and (Path(base) / value).exists():
                 resolved[key] = str((Path(base) / value).resolve())

@@ -8,6 +8,8 @@ Exit codes (shared by every ``radixpert-*`` command):
 * 3 - an input file was refused or unreadable (the rest of a batch still runs)
 * 4 - a model, checkpoint or bundle is missing or invalid
 * 5 - export: an exported engine drifted from the PyTorch model beyond a parity threshold
+* 6 - run: at least one report was withheld by a check (``--on-conflict`` / ``--on-implausible
+  withhold``); its JSON row keeps the verdicts. 3 wins when a scan was also refused
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_MODEL = 4
 EXIT_PARITY = 5
+EXIT_WITHHELD = 6
 
 
 class RadixpertError(Exception):

@@ -189,19 +189,93 @@ class AnatomyFusion(nn.Module):
         return torch.cat([mean, peak], dim=1)
 
 
+POOLS = ("mean-max", "mean")
+
+
+class EvidenceHead(nn.Module):
+    """The encoder's presence (and side) head: global pooling, one linear layer, sigmoid.
+
+    Pooling is the mean over the grid, or the mean and the max (a nodule covers one or two of
+    the 196 cells, where a mean alone dilutes it). ``outputs`` names each probability, e.g.
+    ``presence:nodule`` or ``left:nodule``; it is saved with the weights and recorded in the bundle.
+    """
+
+    def __init__(self, vision_dim: int, outputs: list[str], pool: str = "mean-max"):
+        super().__init__()
+        if pool not in POOLS:
+            raise ModelError(f"unknown encoder head pooling {pool!r}; use one of {', '.join(POOLS)}")
+        self.pool, self.outputs = pool, list(outputs)
+        self.linear = nn.Linear(vision_dim * (2 if pool == "mean-max" else 1), len(self.outputs))
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D_v, G, G) encoder features -> (B, D_v or 2 D_v): the mean, or the mean and the max, over the grid."""
+        mean = features.mean(dim=(2, 3))
+        return torch.cat([mean, features.amax(dim=(2, 3))], dim=1) if self.pool == "mean-max" else mean
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D_v, G, G) encoder features -> (B, len(outputs)) logits."""
+        return self.linear(self.pooled(features))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(features))
+
+    def save(self, path: str | Path, what: str) -> None:
+        """Weights as safetensors, with the pooling and output names in the file's metadata."""
+        import json
+
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.linear.state_dict().items()}
+        save_file(state, str(path), metadata={"radixpert": what, "pool": self.pool, "outputs": json.dumps(self.outputs)})
+
+    @classmethod
+    def load(cls, path: str | Path, vision_dim: int) -> "EvidenceHead":
+        """A head saved by :meth:`save`; ModelError when the file is missing or does not fit."""
+        import json
+
+        from safetensors import safe_open
+
+        file = Path(path)
+        if not file.is_file():
+            raise ModelError(f"encoder head {file} not found; pass the encoder_head.safetensors of the encoder run")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                state = {k: handle.get_tensor(k) for k in handle.keys()}
+            head = cls(vision_dim, json.loads(meta["outputs"]), meta.get("pool", "mean-max"))
+            head.linear.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"encoder head {file} does not fit this encoder ({exc.__class__.__name__}); "
+                             "use the head saved by the same encoder run") from None
+        return head
+
+
 class Frontend(nn.Module):
-    """Image -> (visual tokens (B, N_visual, D_llm), anatomy maps (B, K, S, S)); N_visual: config.num_visual_tokens."""
+    """Image -> (visual tokens (B, N_visual, D_llm), anatomy maps (B, K, S, S)[, evidence (B, E)]).
+
+    N_visual is config.num_visual_tokens. With an encoder head attached (``attach_evidence``),
+    a third output gives the head's probabilities, the image's own evidence for the report checks.
+    """
 
     def __init__(self, config: RadixpertConfig):
         super().__init__()
         self.encoder = TinyCNNEncoder(config) if config.encoder == "tiny_cnn" else BioViLEncoder(config)
         self.segmenter = UNet(config)
         self.fusion = AnatomyFusion(config)
+        self.evidence: EvidenceHead | None = None
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patch_features = self.encoder(image).flatten(2).transpose(1, 2)  # row-major patches
+    def attach_evidence(self, head: EvidenceHead) -> None:
+        """Add the encoder's frozen presence/side head as a third output."""
+        self.evidence = head.requires_grad_(False).eval()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.encoder(image)
+        patch_features = features.flatten(2).transpose(1, 2)  # row-major patches
         masks = torch.sigmoid(self.segmenter(image))
-        return self.fusion(patch_features, masks), masks
+        tokens = self.fusion(patch_features, masks)
+        if self.evidence is None:
+            return tokens, masks
+        return tokens, masks, self.evidence(features)
 
 
 def load_safetensors_into(module: nn.Module, path: str | Path, what: str) -> None:
@@ -266,8 +340,9 @@ class RadixpertModel(nn.Module):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @property
-    def frozen_experts(self) -> tuple[nn.Module, nn.Module]:
-        return self.frontend.encoder, self.frontend.segmenter
+    def frozen_experts(self) -> tuple[nn.Module, ...]:
+        experts = (self.frontend.encoder, self.frontend.segmenter)
+        return experts + ((self.frontend.evidence,) if self.frontend.evidence is not None else ())
 
     def freeze_experts(self) -> None:
         for expert in self.frozen_experts:
@@ -352,7 +427,7 @@ class RadixpertModel(nn.Module):
         ``ignore_stop`` decodes exactly ``max_new_tokens`` (parity checks need a fixed length).
         """
         limit = max_new_tokens if max_new_tokens is not None else self.config.max_new_tokens
-        visual_tokens, _ = self.frontend(image)
+        visual_tokens = self.frontend(image)[0]
         outputs = []
         for b in range(visual_tokens.shape[0]):
             embeds, _, _ = self.build_inputs(visual_tokens[b : b + 1])
@@ -394,5 +469,7 @@ def build_model(config: RadixpertConfig, template: PromptTemplate = DEFAULT_TEMP
         load_safetensors_into(model.frontend.encoder, config.encoder_path, "encoder")
     if config.segmenter_path:
         load_safetensors_into(model.frontend.segmenter, config.segmenter_path, "segmenter")
+    if config.encoder_head_path:
+        model.frontend.attach_evidence(EvidenceHead.load(config.encoder_head_path, config.vision_dim))
     model.freeze_experts()
     return model

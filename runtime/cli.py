@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from radixpert.errors import EXIT_INPUT, EXIT_OK, InputError, ModelError, UsageError, cli_errors
+from radixpert.errors import EXIT_INPUT, EXIT_OK, EXIT_WITHHELD, InputError, ModelError, UsageError, cli_errors
 
 _DICOM_OR_PNG_HEAD = (b"\x89PNG",)
 
@@ -70,17 +70,29 @@ def _looks_like_scan(path: Path) -> bool:
               help="Frontend model: fp32, or the INT8 one a bundle exported with radixpert-export --int8 ships.")
 @click.option("--redact", is_flag=True, help="In JSON, replace each scan's input path with a hash of the file "
                                               "(sha256: and the first 16 hex digits of sha256sum).")
+@click.option("--on-conflict", type=click.Choice(["warn", "withhold"]), default="warn", show_default=True,
+              help="When the evidence guard finds a finding on the side opposite to the image's evidence: warn "
+                   "(the report is printed, flagged) or withhold (no report text or SR; the JSON row keeps the verdicts).")
+@click.option("--on-implausible", type=click.Choice(["warn", "withhold"]), default="withhold", show_default=True,
+              help="When the anatomy gate finds no plausible chest anatomy (rotated, inverted, cropped or non-chest "
+                   "image): withhold the report, or warn and print it flagged. A mirrored image is always flagged.")
 @cli_errors()
 def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant, gpu_layers,
-         timings, verify, frontend, redact) -> None:
+         timings, verify, frontend, redact, on_conflict, on_implausible) -> None:
     """Write a draft Spanish report for each SCAN (DICOM file, PNG, or folder searched recursively).
 
     One model load serves every scan. A refused file is reported and skipped; the others go on.
     Messages name scans by their place in the batch and their SOP Instance UID (or a hash of the
     file), never by file name: hospital exports name files after patients.
 
+    Every report is checked: its findings against the image encoder's own evidence (side
+    conflicts, possible omissions, unsupported findings) and the U-Net's anatomy against the
+    training images (ok, mirrored, implausible). A flagged report is marked on stdout
+    ("[REVISAR] ..."), each flag is one stderr line, and JSON has "checks", "gate" and "flags".
+
     \b
     Exit codes: 0 all scans reported; 3 at least one scan refused (see the summary);
+    6 at least one report withheld by a check (and none refused);
     2 usage error; 4 bundle missing or damaged; 1 internal error (RADIXPERT_DEBUG=1 shows the traceback).
     Not for clinical use: every report is a draft for a radiologist to read and sign.
     """
@@ -88,12 +100,13 @@ def main(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, t
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     code = run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant,
-               gpu_layers, timings, verify, err, frontend=frontend, redact=redact)
+               gpu_layers, timings, verify, err, frontend=frontend, redact=redact,
+               policy={"conflict": on_conflict, "implausible": on_implausible})
     sys.exit(code)
 
 
 def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, threads, providers, quant, gpu_layers,
-        timings, verify, err, frontend: str = "fp32", redact: bool = False) -> int:
+        timings, verify, err, frontend: str = "fp32", redact: bool = False, policy: dict[str, str] | None = None) -> int:
     from radixpert.bundle import bundle_env_default, load_bundle
     from radixpert.runtime.frontend import parse_providers
     from radixpert.runtime.pipeline import Reporter
@@ -114,25 +127,42 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
     out = Path(out_dir) if out_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    policy = {"conflict": "warn", "implausible": "withhold", **(policy or {})}
+    outcomes = {"reported": 0, "refused": 0, "withheld": 0}
     for index, path in enumerate(paths):
         # A blank line separates reports in text; none before the first one printed.
-        separate = fmt == "text" and index > failed
-        failed += not report_one(reporter, path, index, fmt, out, sr, overlay, stream, timings, err, separate, redact)
-    summary = f"{len(paths) - failed} of {len(paths)} scan(s) reported"
+        separate = fmt == "text" and index > outcomes["refused"]
+        outcome = report_one(reporter, path, index, fmt, out, sr, overlay, stream, timings, err, separate, redact,
+                             policy)
+        outcomes[outcome] += 1
+    failed, withheld = outcomes["refused"], outcomes["withheld"]
+    summary = f"{outcomes['reported']} of {len(paths)} scan(s) reported"
     if failed:
         summary += f", {failed} refused"
+    if withheld:
+        summary += f", {withheld} withheld by a check"
     if skipped:
         summary += f"; {skipped} non-image file(s) skipped in folders"
-    if len(paths) > 1 or failed or skipped:
+    if len(paths) > 1 or failed or skipped or withheld:
         err.print(summary)
     reporter.close()
-    return EXIT_INPUT if failed else EXIT_OK
+    return EXIT_INPUT if failed else EXIT_WITHHELD if withheld else EXIT_OK
+
+
+def withheld_because(checked, policy: dict[str, str]) -> str | None:
+    """Why the policy withholds this report, or None to print it."""
+    reasons = []
+    if policy.get("conflict") == "withhold" and checked.conflicts:
+        reasons.append("laterality conflict with the image evidence")
+    if policy.get("implausible") == "withhold" and checked.gate["verdict"] == "implausible":
+        reasons.append("the anatomy gate found no plausible chest anatomy")
+    return "; ".join(reasons) or None
 
 
 def report_one(reporter, path: Path, index: int, fmt: str, out: Path | None, sr: bool, overlay: bool, stream: bool,
-               timings: bool, err, separate: bool = False, redact: bool = False) -> bool:
-    """Report one scan and print it; False when the scan was refused.
+               timings: bool, err, separate: bool = False, redact: bool = False,
+               policy: dict[str, str] | None = None) -> str:
+    """Report one scan and print it; returns "reported", "withheld" or "refused".
 
     ``separate`` prints a blank line before the report (text format). Messages call the scan
     ``scan N (UID or hash)``; its path appears only in the JSON ``input`` field, and not with ``redact``.
@@ -159,20 +189,26 @@ def report_one(reporter, path: Path, index: int, fmt: str, out: Path | None, sr:
         started = True
         print(piece, end="", flush=True)
 
+    # Streaming would show text a check may withhold, so a withholding policy turns it off.
+    streaming = streaming and not any(v == "withhold" for v in (policy or {}).values())
     try:
         result = reporter.report(path, on_token=on_token if streaming else None)
         uid = safe_uid(result.sop_instance_uid)
         label = f"scan {index + 1} ({uid or digest()})"
+        checked = result.checked
+        withheld = withheld_because(checked, policy or {})
         files = {}
         stem = f"{index:04d}-{uid or digest().split(':', 1)[1]}"
-        if sr:
+        if sr and not withheld:
             if result.source != "dicom":
                 raise UsageError(f"{label}: --sr needs a DICOM input (this is a {result.source.upper()})")
             files["sr"] = str(write_sr(path, result.report, out / f"{stem}.sr.dcm", bundle_id=reporter.bundle.bundle_id,
-                                       model_name=reporter.bundle.config.name, warnings=result.warnings))
+                                       model_name=reporter.bundle.config.name, warnings=result.warnings,
+                                       findings=checked.findings, checks=checked.checks, gate=checked.gate))
         if overlay:
             files["overlay"] = str(write_overlay(result.display, result.masks, reporter.bundle.labels,
-                                                 out / f"{stem}.overlay.png", title=uid))
+                                                 out / f"{stem}.overlay.png", title=uid,
+                                                 notes=checked.flags + ([f"withheld: {withheld}"] if withheld else [])))
     except (InputError, UsageError) as exc:
         if streaming and started:
             print(flush=True)
@@ -181,25 +217,43 @@ def report_one(reporter, path: Path, index: int, fmt: str, out: Path | None, sr:
         if fmt == "json":
             print(json.dumps(record, ensure_ascii=False), flush=True)
         err.print(f"[red]refused:[/red] {escape(message)}")
-        return False
-    record.update({"sop_instance_uid": result.sop_instance_uid, "report": result.report, "stopped": result.stopped,
+        return "refused"
+    flags = checked.flags
+    record.update({"sop_instance_uid": result.sop_instance_uid,
+                   "report": None if withheld else result.report, "stopped": result.stopped,
+                   "findings": None if withheld else checked.findings, "checks": checked.checks, "gate": checked.gate,
+                   "evidence": checked.evidence, "flagged": bool(flags), "flags": flags, "withheld": withheld,
                    "timings": rounded(result.timings), "warnings": result.warnings, "files": files})
     if fmt == "json":
         print(json.dumps(record, ensure_ascii=False), flush=True)
     else:
+        # A flagged draft is marked on stdout too, so that it never reads as a clean one there.
+        marker = f"[RETENIDO / withheld: {withheld}]" if withheld else ("[REVISAR] " + " | ".join(flags) if flags else "")
         if streaming:
             print(flush=True)
+            if marker:
+                print(marker, flush=True)
         else:
             if separate:
                 print()
-            print(result.report, flush=True)
+            if marker:
+                print(marker, flush=True)
+            if not withheld:
+                print(result.report, flush=True)
         for warning in result.warnings:
             err.print(f"[yellow]warning:[/yellow] {label}: {escape(scrub(warning, path, label))}")
+        for check in checked.checks:
+            if check["verdict"] in ("conflict", "possible omission", "unsupported"):
+                err.print(f"[yellow]check:[/yellow] {label}: {check['verdict']}: {escape(check['message'])}")
+        if checked.gate["verdict"] != "ok":
+            err.print(f"[yellow]gate:[/yellow] {label}: {checked.gate['verdict']}: {escape('; '.join(checked.gate['reasons']))}")
+        if withheld:
+            err.print(f"[yellow]withheld:[/yellow] {label}: {escape(withheld)}")
         for kind, written in files.items():
             err.print(f"wrote {kind.upper() if kind == 'sr' else kind}: {escape(written)}")
     if timings and fmt == "text":
         err.print(escape(format_timings(label, result.timings)))
-    return True
+    return "withheld" if withheld else "reported"
 
 
 def rounded(timings: dict[str, Any]) -> dict[str, Any]:

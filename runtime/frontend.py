@@ -24,6 +24,8 @@ from radixpert.errors import InputError, ModelError, UsageError, first_line
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("visual_tokens", "masks")
+# Optional third output: the encoder head's presence/side probabilities (the checks' image evidence).
+EVIDENCE_NAME = "evidence"
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -204,6 +206,7 @@ class OnnxFrontend:
         self.num_tokens: int | None = _static(out_shapes["visual_tokens"], 1)
         self.token_dim: int | None = _static(out_shapes["visual_tokens"], 2)
         self.num_masks: int | None = _static(out_shapes["masks"], 1)
+        self.has_evidence = EVIDENCE_NAME in out_shapes
 
     @property
     def providers_used(self) -> list[str]:
@@ -230,12 +233,18 @@ class OnnxFrontend:
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(visual_tokens (B, N_p, D_llm), masks (B, K, S, S)), both float32."""
+        outputs = self.run_outputs(images, evidence=False)
+        return outputs["visual_tokens"], outputs["masks"]
+
+    def run_outputs(self, images: np.ndarray, evidence: bool = True) -> dict[str, np.ndarray]:
+        """Every output by name: visual_tokens, masks and, where the graph has it, evidence (B, E)."""
+        names = list(OUTPUT_NAMES) + ([EVIDENCE_NAME] if evidence and self.has_evidence else [])
         feed = {INPUT_NAME: self.check_images(images)}
         try:
-            tokens, masks = self._session.run(list(OUTPUT_NAMES), feed)
+            values = self._session.run(names, feed)
         except Exception as exc:  # e.g. out of GPU memory for a large batch
             raise ModelError(f"frontend inference failed on {', '.join(map(_short, self.providers_used))}: {first_line(exc)}") from None
-        return tokens, masks
+        return dict(zip(names, values))
 
 
 def _static(shape: Sequence[Any], axis: int) -> int | None:

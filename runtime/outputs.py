@@ -1,9 +1,10 @@
-"""The runtime's file outputs: a DICOM SR draft report and an anatomy-overlay PNG (torch-free),
-and how scans are named in file names, logs and errors.
+"""The runtime's file outputs: an anatomy-overlay PNG (torch-free), and how scans are named in file
+names, logs and errors. The DICOM SR draft report lives in :mod:`radixpert.runtime.sr`; its names
+are re-exported here, loaded on first use, so that the overlay alone never imports highdicom.
 
 Hospital exports name files after the patient or the accession number, so no output name, log
 line or error message carries an input's file name: a scan is named by its SOP Instance UID, or
-by a hash of its bytes (see :func:`input_id`). Only numpy, pydicom, highdicom and Pillow are used;
+by a hash of its bytes (see :func:`input_id`). Only numpy and Pillow are used here;
 nothing here logs, so no patient data leaves the files the caller asked for.
 """
 
@@ -12,36 +13,30 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import highdicom as hd
 import numpy as np
-import pydicom
 from PIL import Image, ImageDraw, ImageFont
-from pydicom.errors import InvalidDicomError
-from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from radixpert.bundle import sha256_of
-from radixpert.errors import InputError, UsageError
+from radixpert.errors import UsageError
 from radixpert.imageio import letterbox_resize
 
 __all__ = ["MANUFACTURER", "SERIES_DESCRIPTION", "input_id", "safe_uid", "scrub", "write_overlay", "write_sr"]
 
-SERIES_DESCRIPTION = "BORRADOR - NO USO CLINICO / draft, not for clinical use"  # LO: <= 64 chars
-MANUFACTURER = "Radixpert Edge"
-DISCLAIMER = ("BORRADOR generado automáticamente por Radixpert Edge, no verificado por un radiólogo; "
-              "no apto para uso clínico.")
-# Derived series conventionally get high numbers, clear of the modality's own series.
-SERIES_NUMBER = 990
-_SPANISH = hd.sr.CodedConcept("es", "RFC5646", "Spanish")
-_ENGLISH = hd.sr.CodedConcept("en", "RFC5646", "English")
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Type 2 attributes highdicom reads from the evidence; anonymized files often drop them.
-_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-          "StudyDate", "StudyTime")
+# Names of radixpert.runtime.sr that callers have imported from here.
+_SR_NAMES = ("MANUFACTURER", "SERIES_DESCRIPTION", "DISCLAIMER", "write_sr", "read_sr_findings", "read_sr_verdicts")
+
+
+def __getattr__(name: str) -> Any:
+    """The SR names, imported from :mod:`radixpert.runtime.sr` on first use (PEP 562)."""
+    if name in _SR_NAMES:
+        from radixpert.runtime import sr
+
+        return getattr(sr, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # A DICOM UID (VR UI): digits and dots, at most 64 characters. Anything else in the header is not
 # used in a name, since a malformed file could carry any text there.
@@ -82,74 +77,6 @@ def scrub(message: str, path: str | os.PathLike[str], label: str) -> str:
     return re.sub(pattern, lambda _: label, message)
 
 
-def write_sr(source_path: Path, report: str, out_path: Path, *, bundle_id: str, model_name: str,
-             warnings: Sequence[str] = ()) -> Path:
-    """Write ``report`` as a draft Comprehensive SR in the source image's study; return ``out_path``.
-
-    Comprehensive SR (not Enhanced SR) because it is the SR class archives and viewers most widely
-    accept and highdicom reads back, and it leaves room to add SCOORD anatomy regions or
-    by-reference links later without changing class. The tree uses only CONTAINER, CODE, TEXT,
-    UIDREF and IMAGE items::
-
-        CONTAINER (18748-4, LN, "Diagnostic Imaging Report")
-          HAS CONCEPT MOD  language = es
-          HAS OBS CONTEXT  device observer: Radixpert Edge, model name
-          HAS CONCEPT MOD  Algorithm Name = model_name, Algorithm Version = bundle_id
-          CONTAINS CONTAINER (121070, DCM, "Findings")
-            CONTAINS TEXT (121071, DCM, "Finding")   one per non-empty report line
-            CONTAINS IMAGE (121080, DCM, "Best illustration of finding") -> source image
-          CONTAINS TEXT (121106, DCM, "Comment")     the draft disclaimer
-          CONTAINS TEXT (121106, DCM, "Comment")     one per reader warning, marked language en
-
-    One TEXT per line rather than per sentence: splitting Spanish prose at full stops breaks on
-    decimals and abbreviations, while lines are the structure the model actually wrote. Flags are
-    UNVERIFIED, PARTIAL and PRELIMINARY: a radiologist completes and signs the report, not us.
-    """
-    source_path, out_path = Path(source_path), Path(out_path)
-    evidence = _read_source(source_path)
-    for keyword in _TYPE2:
-        if keyword not in evidence:
-            setattr(evidence, keyword, "")
-
-    findings = hd.sr.ContainerContentItem(codes.DCM.Findings, relationship_type="CONTAINS")
-    findings.ContentSequence = [
-        *(hd.sr.TextContentItem(codes.DCM.Finding, line, relationship_type="CONTAINS") for line in _lines(report)),
-        hd.sr.ImageContentItem(codes.DCM.BestIllustrationOfFinding, evidence.SOPClassUID, evidence.SOPInstanceUID,
-                               relationship_type="CONTAINS"),
-    ]
-    notes = [hd.sr.TextContentItem(codes.DCM.Comment, DISCLAIMER, relationship_type="CONTAINS")]
-    for warning in warnings:
-        note = hd.sr.TextContentItem(codes.DCM.Comment, str(warning), relationship_type="CONTAINS")
-        note.ContentSequence = list(hd.sr.LanguageOfContentItemAndDescendants(_ENGLISH))  # reader warnings are English
-        notes.append(note)
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        # Stable per bundle, so every report from one bundle names the same device observer.
-        uid=generate_uid(entropy_srcs=["radixpert-edge", bundle_id]),
-        name=MANUFACTURER, manufacturer_name=MANUFACTURER, model_name=model_name[:64])
-    root = hd.sr.ContainerContentItem(codes.LN.DiagnosticImagingReport)
-    root.ContentSequence = [
-        *hd.sr.LanguageOfContentItemAndDescendants(_SPANISH),
-        *hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device)),
-        *hd.sr.AlgorithmIdentification(name=model_name, version=bundle_id),
-        findings,
-        *notes,
-    ]
-    try:
-        sr = hd.sr.ComprehensiveSR(
-            evidence=[evidence], content=root, series_instance_uid=hd.UID(), series_number=SERIES_NUMBER,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER,
-            is_complete=False, is_final=False, is_verified=False,
-            series_description=SERIES_DESCRIPTION, manufacturer_model_name=model_name[:64],
-            software_versions=bundle_id[:64], specific_character_set="ISO_IR 192")
-    except (AttributeError, TypeError, ValueError) as exc:
-        # highdicom names the attribute, never its value, so the message holds no patient data.
-        raise InputError(f"{source_path.name}: cannot reference this DICOM in an SR ({_short(exc)}); "
-                         "check its header") from None
-    _atomic_write(out_path, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
-    return out_path
-
-
 def write_overlay(display: np.ndarray, masks: np.ndarray, labels: list[dict[str, Any]], out_path: Path, *,
                   title: str | None = None, threshold: float = 0.5, size: int = 512, alpha: float = 0.35) -> Path:
     """Write a PNG of the radiograph with the anatomy maps in colour and a legend band below it.
@@ -186,31 +113,6 @@ def write_overlay(display: np.ndarray, masks: np.ndarray, labels: list[dict[str,
     sheet.paste(legend, (0, size))
     _atomic_write(Path(out_path), lambda tmp: sheet.save(tmp, format="PNG"))
     return Path(out_path)
-
-
-def _read_source(path: Path) -> pydicom.Dataset:
-    """The source header (pixels are not needed); a non-DICOM input is a usage error."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-    except OSError as exc:
-        raise InputError(f"{path.name}: cannot be read ({exc.strerror}); check the path") from None
-    if head == _PNG_MAGIC:
-        raise UsageError(f"{path.name}: --sr needs a DICOM input (this is a PNG)")
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise UsageError(f"{path.name}: --sr needs a DICOM input ({_short(exc)})") from None
-    if not ds.get("SOPClassUID"):  # force=True parses any bytes; a real DICOM object always has one
-        raise UsageError(f"{path.name}: --sr needs a DICOM input (this is not a DICOM object)")
-    missing = [k for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if not ds.get(k)]
-    if missing:
-        raise InputError(f"{path.name}: DICOM header lacks {', '.join(missing)}, so an SR cannot reference it")
-    return ds
-
-
-def _lines(report: str) -> list[str]:
-    return [line.strip() for line in report.splitlines() if line.strip()]
 
 
 def _upsample(prob: np.ndarray, size: int) -> np.ndarray:

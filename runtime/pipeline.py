@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from radixpert.bundle import Bundle
+from radixpert.checks.checker import Checked, Checker
 from radixpert.errors import InputError
 from radixpert.imageio import letterbox_resize, normalize_imagenet, read_display
 from radixpert.runtime.frontend import OnnxFrontend, frontend_path
@@ -39,6 +40,7 @@ class ScanReport:
     warnings: list[str] = field(default_factory=list)
     display: np.ndarray | None = None  # kept for --overlay
     masks: np.ndarray | None = None
+    checked: Checked | None = None  # findings, guard checks, anatomy gate
 
 
 class Reporter:
@@ -66,6 +68,7 @@ class Reporter:
                                gpu_layers=gpu_layers)
         # With no --threads, a CPU LLM takes as many threads as there are idle CPUs, per report.
         self.adaptive_threads = threads is None and thread_policy() == "adaptive" and self.llm.gpu_layers == 0
+        self.checker = Checker(bundle.manifest, bundle.config.mask_names)
         self.load_s = time.perf_counter() - started
         tokens = bundle.token_ids
         self.prefix_ids: list[int] = tokens["prefix"]
@@ -98,7 +101,8 @@ class Reporter:
         t1 = time.perf_counter()
         image = normalize_imagenet(letterbox_resize(display, self.image_size))[None]
         t2 = time.perf_counter()
-        visual, masks = self.frontend.run(image)
+        outputs = self.frontend.run_outputs(image)
+        visual, masks = outputs["visual_tokens"], outputs["masks"]
         t3 = time.perf_counter()
         if self.adaptive_threads:
             # Sampled after the frontend, whose threads are asleep by now (runtime/threads.py).
@@ -110,6 +114,10 @@ class Reporter:
         if stream is not None:
             stream.flush()
         text = self.llm.detokenize(result.tokens).strip()
+        t5 = time.perf_counter()
+        evidence = outputs.get("evidence")
+        checked = self.checker.check(text, masks[0], evidence[0] if evidence is not None else None, display.shape)
+        t6 = time.perf_counter()
         timings = {
             "read_ms": (t1 - t0) * 1e3,
             "preprocess_ms": (t2 - t1) * 1e3,
@@ -121,11 +129,12 @@ class Reporter:
             "decode_ms": result.decode_s * 1e3,
             "decode_tokens_per_s": result.decode_tokens_per_s,
             "new_tokens": len(result.tokens),
-            "total_ms": (t4 - t0) * 1e3,
+            "checks_ms": (t6 - t5) * 1e3,
+            "total_ms": (t6 - t0) * 1e3,
             "llm_threads": self.llm.threads_now,
         }
         return ScanReport(str(path), meta.get("sop_instance_uid"), meta["source"], text, result.tokens, result.stopped,
-                          timings, list(meta["warnings"]), display, masks[0])
+                          timings, list(meta["warnings"]), display, masks[0], checked)
 
     def close(self) -> None:
         self.llm.close()

@@ -251,11 +251,43 @@ segmenter = _expert_command("segmenter")
 encoder = _expert_command("encoder")
 
 
+@cli.command(name="encoder-head")
+@data_options
+@model_options
+@click.option("--encoder", "encoder_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The frozen encoder.safetensors to fit the head on (never modified; its sha256 is checked).")
+@click.option("--pool", type=click.Choice(["mean-max", "mean"]), default="mean-max", show_default=True,
+              help="How the head pools the grid (mean-max keeps small findings).")
+@click.option("--side-blind", is_flag=True, help="Presence outputs only, no left/right outputs.")
+@click.option("--steps", type=int, default=1500, show_default=True, help="Full-batch AdamW steps.")
+@click.option("--lr", type=float, default=1e-2, show_default=True, help="Learning rate (AdamW).")
+def encoder_head(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label, split_path, seed,
+                 preset, config_path, overrides, out_dir, encoder_path, pool, side_blind, steps, lr):
+    """Fit the encoder's presence and side head again, as a linear probe on a FROZEN encoder.
+
+    For an encoder whose head was not kept: the runtime's evidence guard reads the image through
+    this head. Writes OUT/encoder_head.safetensors and encoder_head_metrics.json (held-out AUROC,
+    the encoder's sha256 before and after). Point a report run at it with
+    --set encoder_head_path=OUT/encoder_head.safetensors, or put it beside a packed checkpoint.
+    """
+    from radixpert.train.evidence import fit_encoder_head
+
+    config = resolve_config(preset, config_path, overrides)
+    parts, _, _ = load_splits(csv_path, images, dicom_dir, report_column, projections, subset, min_per_label,
+                              split_path, seed, out_dir)
+    click.echo(f"fitting the head on {len(parts['train'])} training images (encoder frozen)", err=True)
+    result = fit_encoder_head(config, parts["train"], parts["val"], encoder_path, Path(out_dir), sided=not side_blind,
+                              pool=pool, steps=steps, lr=lr, seed=seed)
+    click.echo(json.dumps(result, indent=1))
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder to write (replaced if it exists).")
-def pack(run_dir, out_dir):
+@click.option("--encoder-head", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Add this encoder_head.safetensors (radixpert-train encoder-head) as the encoder's evidence head.")
+def pack(run_dir, out_dir, encoder_head):
     """Copy a run's latest checkpoint (or RUN_DIR itself, if it is a checkpoint) into a small,
     self-contained folder for radixpert-export: config, fusion, LoRA adapter and the frozen
     encoder and segmenter it was trained with, all with sha256 checksums. Optimizer state stays behind.
@@ -265,7 +297,7 @@ def pack(run_dir, out_dir):
     from radixpert.train.checkpoint import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run_dir)
-    out = pack_checkpoint(checkpoint, Path(out_dir))
+    out = pack_checkpoint(checkpoint, Path(out_dir), Path(encoder_head) if encoder_head else None)
     total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     click.echo(f"packed {checkpoint} into {out} ({total / 2**20:.1f} MiB)", err=True)
 

@@ -34,7 +34,7 @@ from torch import nn
 from radixpert.config import RadixpertConfig
 from radixpert.errors import InputError, UsageError
 from radixpert.imageio import letterbox_resize
-from radixpert.model import TinyCNNEncoder, UNet, load_safetensors_into
+from radixpert.model import POOLS, EvidenceHead, TinyCNNEncoder, UNet, load_safetensors_into
 from radixpert.train.data import ImageCache, Study, augment, augment_params
 from radixpert.train.loop import Pick, Progress, run_steps
 
@@ -43,6 +43,7 @@ FINDINGS: tuple[str, ...] = ("cardiomegaly", "pleural effusion", "pneumothorax",
 
 SEGMENTER_FILE = "segmenter.safetensors"
 ENCODER_FILE = "encoder.safetensors"
+ENCODER_HEAD_FILE = "encoder_head.safetensors"
 _EVAL_BATCH = 16
 
 
@@ -240,24 +241,26 @@ def train_segmenter(config: RadixpertConfig, train: list[Study], val: list[Study
 # --------------------------------------------------------------------------- encoder
 
 
-POOLS = ("mean-max", "mean")
-
-
 class _PresenceProbe(nn.Module):
-    """Encoder + temporary head: global pooling (mean, or mean and max), then one linear layer per finding."""
+    """Encoder + its presence (and side) head; the head is saved beside the encoder."""
 
-    def __init__(self, config: RadixpertConfig, pool: str, outputs: int):
+    def __init__(self, config: RadixpertConfig, pool: str, outputs: list[str]):
         super().__init__()
-        self.pool = pool
         self.encoder = TinyCNNEncoder(config)
-        self.head = nn.Linear(config.vision_dim * (2 if pool == "mean-max" else 1), outputs)
+        self.head = EvidenceHead(config.vision_dim, outputs, pool)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(image)
-        pooled = features.mean(dim=(2, 3))
-        if self.pool == "mean-max":
-            pooled = torch.cat([pooled, features.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled)
+        return self.head.logits(self.encoder(image))
+
+
+def head_outputs(sided: bool) -> list[str]:
+    """The head's output names, in the order of :func:`encoder_targets`' columns."""
+    from radixpert.train.report import SIDED_LABELS
+
+    names = [f"presence:{f}" for f in FINDINGS]
+    if sided:
+        names += [f"{side}:{label}" for label in SIDED_LABELS for side in ("left", "right")]
+    return names
 
 
 def presence_targets(studies: list[Study]) -> np.ndarray:
@@ -317,8 +320,8 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     output per sided finding, so a finding's features differ with its lung; ``settings.init_from``
     continues from an earlier encoder (the temporary head starts fresh).
 
-    Writes ``out_dir/encoder.safetensors`` (the encoder state dict only; the head is dropped)
-    and ``out_dir/encoder_metrics.json``; returns the same metrics. AUROC per finding is None
+    Writes ``out_dir/encoder.safetensors`` (the encoder state dict), ``out_dir/encoder_head.safetensors``
+    (the head, kept: the runtime's evidence guard reads the image through it) and ``out_dir/encoder_metrics.json``; returns the same metrics. AUROC per finding is None
     where the held-out studies hold only one class of it; the macro mean skips those.
     """
     if config.encoder == "biovil":
@@ -340,7 +343,7 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
     load_seconds = time.perf_counter() - loaded
 
     torch.manual_seed(settings.seed)
-    probe = _PresenceProbe(config, settings.pool, train_truth.shape[1])
+    probe = _PresenceProbe(config, settings.pool, head_outputs(settings.sided))
     if settings.init_from:
         load_safetensors_into(probe.encoder, settings.init_from, "encoder")
     probe.train()
@@ -378,5 +381,6 @@ def train_encoder(config: RadixpertConfig, train: list[Study], val: list[Study],
         "history": history,
     }
     _save_state(probe.encoder, out_dir / ENCODER_FILE, "encoder tiny_cnn")
+    probe.head.save(out_dir / ENCODER_HEAD_FILE, "encoder head")
     _write_json(out_dir / "encoder_metrics.json", metrics)
     return metrics

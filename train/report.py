@@ -76,7 +76,7 @@ SIDED_LABELS = ("pleural effusion", "pneumothorax", "nodule", "consolidation", "
 
 def side_targets(reports: list[str]) -> torch.Tensor:
     """(B, 2 * len(SIDED_LABELS)): for each sided finding, is it present on the left / on the right."""
-    from radixpert.evaluation.labeler import present, label_report
+    from radixpert.checks.labeler import present, label_report
 
     rows = []
     for report in reports:
@@ -159,7 +159,7 @@ def sample_scores(predictions: list[str], references: list[str]) -> dict:
     Validation loss can fall while the side stays at chance; these catch that during training.
     """
     from radixpert.evaluation.clinical import score_findings
-    from radixpert.evaluation.labeler import label_report, present
+    from radixpert.checks.labeler import label_report, present
 
     scores = score_findings([present(label_report(p)) for p in predictions], [present(label_report(r)) for r in references])
     return {"val_micro_f1": scores["micro_f1"], "val_laterality": scores["laterality_accuracy"],
@@ -251,7 +251,7 @@ def train_report(
                 if probe is None:
                     loss = runner(images.to(world.device), reports, weights) / settings.grad_accum
                 else:  # one process (checked above): the frontend runs once for both losses
-                    visual_tokens, _ = model.frontend(images.to(world.device))
+                    visual_tokens = model.frontend(images.to(world.device))[0]
                     side_loss = probe(visual_tokens, reports)
                     loss = (model.report_loss(visual_tokens, reports, weights)
                             + settings.side_probe_weight * side_loss) / settings.grad_accum
