@@ -133,7 +133,7 @@ def write_sr(source_path: Path, report: str, out_path: Path, *, bundle_id: str, 
         conclusions[0].ContentSequence = verdicts
     notes = [_text(_COMMENT, DISCLAIMER)]
     notes += [_text(_COMMENT, _english_flag(f), english=True) for f in flagged]
-    notes += [_text(_COMMENT, str(w), english=True) for w in warnings]  # reader warnings are English
+    notes += [_text(_COMMENT, w, english=True) for w in _nonblank(warnings)]  # reader warnings are English
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         # Stable per bundle, so every report from one bundle names the same device observer.
         uid=generate_uid(entropy_srcs=["radixpert-edge", bundle_id]),
@@ -265,8 +265,8 @@ def _verdict_items(checks: Sequence[dict], gate: dict | None) -> list[hd.sr.Cont
         if label is not None:
             mods.append(hd.sr.TextContentItem(_FINDING, label, relationship_type="HAS CONCEPT MOD"))
         mods += _laterality(check.get("stated_side"))
-        if check.get("message"):
-            mods.append(hd.sr.TextContentItem(_COMMENT, str(check["message"]), relationship_type="HAS PROPERTIES"))
+        mods += [hd.sr.TextContentItem(_COMMENT, m, relationship_type="HAS PROPERTIES")
+                 for m in _nonblank([check.get("message")])]
         item.ContentSequence = mods
         items.append(item)
     verdict = "not run" if gate is None else gate.get("verdict")
@@ -274,8 +274,8 @@ def _verdict_items(checks: Sequence[dict], gate: dict | None) -> list[hd.sr.Cont
     item = _code(table["checks"]["gate"], table["verdicts"][verdict], "CONTAINS")
     item.ContentSequence = [
         *hd.sr.LanguageOfContentItemAndDescendants(_ENGLISH),
-        *(hd.sr.TextContentItem(_COMMENT, str(r), relationship_type="HAS PROPERTIES")
-          for r in (gate or {}).get("reasons") or ()),
+        *(hd.sr.TextContentItem(_COMMENT, r, relationship_type="HAS PROPERTIES")
+          for r in _nonblank((gate or {}).get("reasons") or ())),
     ]
     items.append(item)
     return items
@@ -338,6 +338,11 @@ def _text(name: Any, value: str, english: bool = False) -> hd.sr.TextContentItem
     return item
 
 
+def _nonblank(texts: Sequence[object]) -> list[str]:
+    """The texts that are not None or blank, stripped: an empty TEXT item is invalid DICOM."""
+    return [str(t).strip() for t in texts if t is not None and str(t).strip()]
+
+
 def _require(ok: bool, what: str, value: object) -> None:
     if not ok:
         raise ValueError(f"write_sr: unknown {what} {str(value)[:40]!r}")
@@ -347,8 +352,10 @@ def _require(ok: bool, what: str, value: object) -> None:
 
 
 def _key(sequence: Any) -> tuple[str, str]:
-    """(scheme, code value) of a code sequence's single item."""
-    return str(sequence[0].CodingSchemeDesignator), str(sequence[0].CodeValue)
+    """(scheme, code value) of a code sequence's single item (a long value is in LongCodeValue)."""
+    code = sequence[0]
+    value = code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue")
+    return str(code.CodingSchemeDesignator), str(value)
 
 
 def _key_of(entry: Any) -> tuple[str, str]:
