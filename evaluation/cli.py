@@ -11,6 +11,9 @@ import click
 
 from radixpert.errors import InputError, UsageError, cli_errors
 
+# The gate variants (radixpert.evaluation.gate.KINDS), here so that --help does not import the runtime.
+KINDS_DEFAULT = ("original", "mirror", "rot90", "invert", "crop", "nonchest")
+
 METRIC_LIBRARIES = ("sacrebleu", "rouge_score", "nltk")  # the eval extra
 
 HELP = """Score Spanish chest X-ray reports against references.
@@ -103,6 +106,8 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
            out_dir, uncertain, frontend) -> None:
     """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
     require_metric_libraries()  # before the reports, not after them
+    from radixpert.evaluation.checks import markdown as checks_markdown
+    from radixpert.evaluation.checks import score_checks
     from radixpert.evaluation.scoring import Pair, evaluate
     from radixpert.runtime.pipeline import Reporter
     from radixpert.train.data import load_split, read_table, select
@@ -126,25 +131,33 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     out.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens,
                         frontend_variant=frontend)
-    pairs, refused = [], 0
+    pairs, refused, checked = [], 0, []
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle, \
             Progress(TextColumn("[bold]report"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("report", total=len(studies))
         for study in studies:
             record: dict = {"input": study.image_path}
             try:
-                record["report"] = reporter.report(Path(study.image_path)).report
+                result = reporter.report(Path(study.image_path))
+                gate = {k: v for k, v in result.checked.gate.items() if k != "measures"}
+                record.update({"report": result.report, "checks": result.checked.checks, "gate": gate})
                 pairs.append(Pair(study.image_id, study.image_path, record["report"], study.report))
+                checked.append({**record, "reference": study.report})
             except InputError as exc:  # one unreadable scan must not stop the evaluation
                 record["error"] = {"code": exc.code, "exit_code": exc.exit_code, "message": str(exc)}
                 refused += 1
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             bar.advance(task)
+    covered = [name.split(":", 1)[1] for name in reporter.checker.evidence_outputs or [] if name.startswith("presence:")]
     reporter.close()
     metrics, rows = evaluate(pairs, uncertain == "present")
     metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split,
-                    "frontend": frontend})
+                    "frontend": frontend, "command": "radixpert-eval " + shlex.join(sys.argv[1:]),
+                    "checks": score_checks(checked, covered)})
     _finish(metrics, rows, out, f"{Path(bundle_dir).name} on {split}")
+    with (out / "metrics.md").open("a", encoding="utf-8") as handle:
+        handle.write("\n" + checks_markdown(metrics["checks"]))
+    click.echo(checks_markdown(metrics["checks"]))
 
 
 @cli.command()
@@ -238,12 +251,56 @@ def mirror(bundle_dir, csv_path, dicom_dir, images, limit, report_column, thread
 
 
 @cli.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--data", "csv_path", required=True, type=click.Path(dir_okay=False),
+              help="PadChest-format CSV of DICOM scans (e.g. radixpert-phantom's phantoms.csv).")
+@click.option("--dicom-dir", type=click.Path(file_okay=False), default=None, help="Read <DIR>/<ImageID stem>.dcm.")
+@click.option("--kinds", default=",".join(KINDS_DEFAULT), show_default=True,
+              help="Comma list of variants: original, mirror, rot90, invert, crop, nonchest.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N studies.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for gate.json and gate.md [default: gate-<bundle name>].")
+def gate(bundle_dir, csv_path, dicom_dir, kinds, limit, threads, out_dir) -> None:
+    """The anatomy gate on variants of each scan (mirrored, rotated 90 degrees, inverted, cropped,
+    replaced by a non-chest photograph), each written as a DICOM with the scan's own header."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from radixpert.bundle import load_bundle
+    from radixpert.evaluation.gate import KINDS, gate_rates, markdown
+    from radixpert.train.data import read_table
+
+    chosen = [k.strip() for k in kinds.split(",") if k.strip()]
+    unknown = [k for k in chosen if k not in KINDS]
+    if unknown or not chosen:
+        raise UsageError(f"--kinds must be among {', '.join(KINDS)}, got {kinds!r}")
+    studies = read_table(csv_path, dicom_dir=dicom_dir)
+    studies = studies[:limit] if limit else studies
+    scans = [Path(s.image_path) for s in studies]
+    if any(p.suffix.lower() != ".dcm" for p in scans):
+        raise UsageError("the gate variants are written as DICOM: give DICOM scans (--dicom-dir or a DicomPath column)")
+    with Progress(TextColumn("[bold]anatomy gate"), BarColumn(), MofNCompleteColumn()) as bar:
+        task = bar.add_task("gate", total=len(scans))
+        rates = gate_rates(load_bundle(Path(bundle_dir)), scans, chosen, threads,
+                           progress=lambda done: bar.update(task, completed=done))
+    result = {"kinds": rates, "studies": len(scans), "bundle": Path(bundle_dir).name, "data": Path(csv_path).name,
+              "command": "radixpert-eval " + shlex.join(sys.argv[1:])}
+    out = Path(out_dir) if out_dir else Path(f"gate-{Path(bundle_dir).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    text = markdown(result, f"Anatomy gate of {Path(bundle_dir).name} on {len(scans)} studies and their variants")
+    (out / "gate.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {out / 'gate.json'} and {out / 'gate.md'}", err=True)
+
+
+@cli.command()
 @click.argument("texts", nargs=-1, required=True)
 def label(texts) -> None:
     """Show the labeler's findings for each TEXT (status, side, zones), as JSON Lines."""
     from dataclasses import asdict
 
-    from radixpert.evaluation.labeler import label_report, padchest_lists
+    from radixpert.checks.labeler import label_report, padchest_lists
 
     for text in texts:
         labels, locations = padchest_lists(text)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from radixpert.evaluation.labeler import LABELS, Finding
+from radixpert.checks.labeler import LABELS, Finding
 
 _OPPOSITE = {"right": "left", "left": "right"}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radixpert.evaluation.clinical import compare, describe, score_findings
-from radixpert.evaluation.labeler import label_report, present
+from radixpert.checks.labeler import label_report, present
 from radixpert.evaluation.metrics import (
     CIDER_N,
     CIDER_SIGMA,

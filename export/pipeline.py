@@ -215,8 +215,10 @@ def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOpti
     with steps.step("frontend ONNX"):
         onnx_path = export_frontend(model.frontend, config, work / FRONTEND_FILE)
         results["frontend"] = frontend_parity(model.frontend, onnx_path, parity_images)
-        for output in frontend_outputs(model.frontend):
+        for output in ("visual_tokens", "masks"):
             failures += parity.judge("frontend", results["frontend"][output], options.thresholds)
+        if "evidence" in results["frontend"]:  # probabilities near 0: an absolute bound, not a relative one
+            failures += parity.judge("frontend_evidence", results["frontend"]["evidence"], options.thresholds)
         files.append((onnx_path, "frontend"))
         # The eager reference of radixpert-bench rebuilds Frontend(config) from these exact weights.
         save_file({k: v.detach().contiguous() for k, v in model.frontend.state_dict().items()}, str(work / FRONTEND_TORCH_FILE))
@@ -227,8 +229,8 @@ def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOpti
     with steps.step("calibrate checks"):
         from radixpert.export.calibrate import calibrate_checks
 
-        calibration = sample_studies(model, options, "train", options.calibration, work / "tmp-data")
-        checks = calibrate_checks(onnx_path, calibration, config.mask_names, evidence_outputs, options.threads)
+        check_samples = sample_studies(model, options, "train", options.calibration, work / "tmp-data")
+        checks = calibrate_checks(onnx_path, check_samples, config.mask_names, evidence_outputs, options.threads)
 
     if options.int8:
         from radixpert.export.onnx_frontend import measure_int8, quantize_frontend_int8
@@ -301,7 +303,7 @@ def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOpti
                        "masks": config.num_masks, "input": "image", "outputs": frontend_outputs(model.frontend),
                        "evidence": ({"outputs": evidence_outputs, "pool": evidence.pool} if evidence is not None else
                                     None)},
-            "checks": {**checks, "calibration_images": len(calibration.reports),
+            "checks": {**checks, "calibration_images": len(check_samples.reports),
                        "calibration_source": "the run's train split" if options.data else "phantoms (seed 9105)"},
             "llm": {"quants": list(options.quants), "default_quant": default_quant(options.quants), "n_ctx": n_ctx},
             "labels": LABELS,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,8 @@ def scrub(message: str, path: str | os.PathLike[str], label: str) -> str:
 
 
 def write_overlay(display: np.ndarray, masks: np.ndarray, labels: list[dict[str, Any]], out_path: Path, *,
-                  title: str | None = None, threshold: float = 0.5, size: int = 512, alpha: float = 0.35) -> Path:
+                  title: str | None = None, threshold: float = 0.5, size: int = 512, alpha: float = 0.35,
+                  notes: Sequence[str] = ()) -> Path:
     """Write a PNG of the radiograph with the anatomy maps in colour and a legend band below it.
 
     Geometry: the maps live in the model's letterboxed input square, so the display is put through
@@ -106,11 +108,17 @@ def write_overlay(display: np.ndarray, masks: np.ndarray, labels: list[dict[str,
     for region, label in zip(inside, labels):  # contours after all fills, so none is washed over
         canvas[_contour(region, width=max(1, size // 256))] = label["colour"][:3]
 
+    if notes:  # a flagged draft gets a red frame, so that no thumbnail of it looks clean
+        edge = max(3, size // 96)
+        canvas[:edge], canvas[-edge:], canvas[:, :edge], canvas[:, -edge:] = _ALERT, _ALERT, _ALERT, _ALERT
     picture = Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")
     legend = _legend(labels, size, title)
-    sheet = Image.new("RGB", (size, size + legend.height))
-    sheet.paste(picture, (0, 0))
-    sheet.paste(legend, (0, size))
+    bands = [picture, *([_notes_band(notes, size)] if notes else []), legend]
+    sheet = Image.new("RGB", (size, sum(b.height for b in bands)))
+    y = 0
+    for band in bands:
+        sheet.paste(band, (0, y))
+        y += band.height
     _atomic_write(Path(out_path), lambda tmp: sheet.save(tmp, format="PNG"))
     return Path(out_path)
 
@@ -128,6 +136,32 @@ def _contour(region: np.ndarray, width: int) -> np.ndarray:
         padded = np.pad(core, 1, constant_values=False)
         core = core & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return region & ~core
+
+
+_ALERT = (200, 30, 30)
+
+
+def _notes_band(notes: Sequence[str], width: int) -> Image.Image:
+    """The checks' flags, one per line (wrapped to ``width``), dark red on pale red."""
+    font = ImageFont.load_default(size=13)
+    pad, row = 8, 17
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for note in notes:
+        line = ""
+        for word in str(note).split():
+            trial = f"{line} {word}" if line else word
+            if line and draw.textlength(trial, font=font) > width - 2 * pad:
+                lines.append(line)
+                line = "  " + word  # continuation lines are indented
+            else:
+                line = trial
+        lines.append(line)
+    band = Image.new("RGB", (width, len(lines) * row + 2 * pad), (255, 228, 228))
+    draw = ImageDraw.Draw(band)
+    for k, line in enumerate(lines):
+        draw.text((pad, pad + k * row), line, fill=(140, 0, 0), font=font)
+    return band
 
 
 def _legend(labels: list[dict[str, Any]], width: int, title: str | None) -> Image.Image:

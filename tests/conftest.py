@@ -34,8 +34,22 @@ def run_dir(tmp_path_factory) -> Path:
     split = patient_split(studies, seed=0)
     out = tmp_path_factory.mktemp("run")
     settings = TrainSettings(steps=40, batch_size=4, lr=2e-2, warmup_steps=4, eval_every=100, save_every=40, num_samples=0)
-    train_report(get_config("tiny"), select(studies, split["train"]), [], settings, out, seed=0)
+    config = get_config("tiny").replace(encoder_head_path=str(tiny_encoder_head(out / "encoder_head.safetensors")))
+    train_report(config, select(studies, split["train"]), [], settings, out, seed=0)
     return out
+
+
+def tiny_encoder_head(path: Path) -> Path:
+    """A seeded, sided encoder head for the tiny encoder: the frontend's evidence output in tests."""
+    import torch
+
+    from radixpert.config import get_config
+    from radixpert.model import EvidenceHead
+    from radixpert.train.experts import head_outputs
+
+    torch.manual_seed(5)
+    EvidenceHead(get_config("tiny").vision_dim, head_outputs(sided=True)).save(path, "test encoder head")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +58,6 @@ def bundle(run_dir, tmp_path_factory) -> tuple[Path, dict]:
     from radixpert.export.pipeline import ExportOptions, export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    options = ExportOptions(quants=("f32", "f16", "q8_0"), samples=2, e2e_tokens=24, threads=2)
+    options = ExportOptions(quants=("f32", "f16", "q8_0"), samples=2, e2e_tokens=24, threads=2, calibration=24)
     manifest = export_bundle(run_dir, out, options)
     return out, manifest

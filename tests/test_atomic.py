@@ -140,7 +140,7 @@ def test_two_processes_started_together_build_once_and_both_use_the_result(tmp_p
 
 # --- the export, through the same locked path --------------------------------------------------
 
-EXPORT_ARGS = ("--quant", "f32", "--no-hf", "--samples", "1", "--e2e-tokens", "8", "--threads", "1")
+EXPORT_ARGS = ("--quant", "f32", "--no-hf", "--samples", "1", "--calibration", "8", "--e2e-tokens", "8", "--threads", "1")
 
 
 def _export(run: Path, out: Path, *extra: str) -> list[str]:

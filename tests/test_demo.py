@@ -162,7 +162,7 @@ def demo_reports(demo_bundle) -> dict[str, str]:
 def test_demo_reports_each_example_with_its_findings_on_their_side(demo_reports, name):
     """The shipped weights, exported and run torch-free, say what the example shows, and where."""
     from radixpert.evaluation.clinical import compare
-    from radixpert.evaluation.labeler import label_report, present
+    from radixpert.checks.labeler import label_report, present
 
     truth = EXPECTED[name]
     ref = present(label_report(truth["reference_report"]))  # scored as radixpert-eval scores

@@ -6,7 +6,7 @@ import re
 
 import pytest
 from radixpert.evaluation.clinical import score_findings
-from radixpert.evaluation.labeler import (
+from radixpert.checks.labeler import (
     NEGATIVE,
     UNCERTAIN,
     Finding,

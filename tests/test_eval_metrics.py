@@ -163,7 +163,7 @@ def test_metrics_and_labeler_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import radixpert.evaluation.metrics, radixpert.evaluation.labeler, "
+    code = ("import sys; import radixpert.evaluation.metrics, radixpert.checks.labeler, "
             "radixpert.evaluation.clinical, radixpert.evaluation.scoring, radixpert.evaluation.cli; "
             "m = radixpert.evaluation.metrics; m.score_corpus(['derrame pleural'], ['derrame pleural']); "
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -264,7 +264,7 @@ def test_missing_run_and_bad_options_are_one_line_errors(tmp_path, run_dir):
 
 def test_a_drifted_export_is_refused_and_kept_aside(run_dir, tmp_path):
     out = tmp_path / "b"
-    done = _export_cli(str(run_dir), "--out", str(out), "--quant", "f16", "--samples", "1", "--e2e-tokens", "8",
+    done = _export_cli(str(run_dir), "--out", str(out), "--quant", "f16", "--samples", "1", "--calibration", "8", "--e2e-tokens", "8",
                        "--threshold", "llm.f16.min_cosine=1.000001", "--no-hf", "--threads", "2")
     assert done.returncode == 5, done.stderr[-2000:]
     assert "llm.f16.min_cosine" in _one_line(done.stderr)
@@ -318,7 +318,7 @@ def test_region_token_run_exports_and_the_runtime_writes_the_reference_tokens(ru
     config = RadixpertConfig.load(checkpoint / "config.json").replace(region_tokens=True)
     config.save(checkpoint / "config.json")
     write_checksums(checkpoint)
-    manifest = export_bundle(run, tmp_path / "bundle", ExportOptions(quants=("f32",), samples=2, e2e_tokens=16, threads=2))
+    manifest = export_bundle(run, tmp_path / "bundle", ExportOptions(quants=("f32",), samples=2, e2e_tokens=16, threads=2, calibration=8))
     assert manifest["visual"]["num_tokens"] == config.num_visual_tokens == 196 + 10
     assert manifest["parity"]["passed"] and manifest["parity"]["e2e"]["f32"]["token_match"] == 1.0
 

@@ -64,7 +64,7 @@ def full_run(tmp_path_factory, splits, experts):
 
 
 def test_loss_halves_over_100_steps(full_run, splits):
-    from radixpert.evaluation.labeler import label_report, present
+    from radixpert.checks.labeler import label_report, present
 
     _, _, rows, out = full_run
     losses = [r["loss"] for r in rows]

@@ -15,7 +15,7 @@ in the bundle). The verdict (:func:`gate_verdict`):
 * ``ok``: both lungs found, on their expected sides, the heart's centroid on the image's right
   (the patient's left in a PA or AP view as displayed), and every measure in range;
 * ``mirrored``: the heart is on the image's left, and the left-right mirror of the measures
-  (right and left structures swapped, x -> 1 - x) is in range: a flipped image, or a rare situs
+  (x -> 1 - x, with or without right and left maps trading names) is in range: a flipped image, or a rare situs
   inversus. Sides in the report may be swapped;
 * ``implausible``: anything else; the reasons name each measure out of range.
 
@@ -66,11 +66,12 @@ def anatomy_measures(masks: np.ndarray, names: Sequence[str], display_shape: Seq
     return out
 
 
-def mirror_measures(measures: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The measures of the left-right mirrored image: right_* and left_* swapped, x -> 1 - x."""
+def mirror_measures(measures: dict[str, dict[str, float]], swap_sides: bool) -> dict[str, dict[str, float]]:
+    """The measures of the left-right mirrored image (x -> 1 - x); with ``swap_sides``, right_* and
+    left_* maps also trade names (a segmenter that names lungs by their place in the image)."""
     out = {}
     for name, values in measures.items():
-        twin = name.replace("right_", "\0").replace("left_", "right_").replace("\0", "left_")
+        twin = name.replace("right_", "\0").replace("left_", "right_").replace("\0", "left_") if swap_sides else name
         out[twin] = {**values, "cx": 1.0 - values["cx"]}
     return out
 
@@ -143,8 +144,10 @@ def gate_verdict(measures: dict[str, dict[str, float]], calibration: dict[str, A
         return {"verdict": "ok", "reasons": [], "measures": rounded}
     heart_x = measures.get("heart", {}).get("cx", float("nan"))
     if np.isfinite(heart_x) and heart_x < 0.5:
-        flipped = mirror_measures(measures)
-        if not (_out_of_range(flipped, ranges) + _sides_wrong(flipped)):
+        # A segmenter may follow the anatomy (the right lung found on the image's right) or the
+        # place (the lung on the image's left called right): either way, mirrored back it fits.
+        flips = (mirror_measures(measures, swap) for swap in (False, True))
+        if any(not (_out_of_range(f, ranges) + _sides_wrong(f)) for f in flips):
             return {"verdict": "mirrored",
                     "reasons": [f"heart on the image's left (x {heart_x:.2f}) and the anatomy matches a left-right "
                                 "mirrored chest: sides in the report may be swapped"],
