@@ -169,3 +169,37 @@ def test_demo_reports_each_example_with_its_findings_on_their_side(demo_reports,
     assert sorted(ref) == sorted(truth["labels"]) and all(ref[k].side == v for k, v in truth["sides"].items())
     result = compare(present(label_report(demo_reports[name])), ref)
     assert not result.missed and not result.extra and not result.wrong_side, demo_reports[name]
+
+
+def test_demo_checks_examples_and_a_mirrored_copy(demo_bundle, tmp_path):
+    """The shipped weights through radixpert-run --sr: every SR passes dciodvfy, its coded findings
+    equal the JSON findings, the JSON validates against its schema, the examples pass the anatomy
+    gate and the guard, and the same scan mirrored (header unchanged) is called mirrored."""
+    import jsonschema
+
+    from radixpert.evaluation.gate import write_variant
+    from radixpert.runtime.sr import read_sr_findings
+
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.fail("dciodvfy not found: install the Debian package dicom3tools (.ci/run does)")
+    mirrored = write_variant(EXAMPLES / "pneumothorax-left_mono1-rle.dcm", "mirror", tmp_path / "mirrored.dcm")
+    scans = [*sorted(str(EXAMPLES / n) for n in EXPECTED), str(mirrored)]
+    done = subprocess.run([sys.executable, "-m", "radixpert.runtime.cli", *scans, "--bundle", str(demo_bundle),
+                           "--format", "json", "--sr", "--out", str(tmp_path / "out"), "--threads", "2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    schema = json.loads((ROOT / "runtime" / "run-output.schema.json").read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    for row in rows:
+        jsonschema.validate(row, schema)
+        checked = subprocess.run([dciodvfy, row["files"]["sr"]], capture_output=True, text=True)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if "Error" in line]
+        assert not errors, errors
+        coded = sorted((f["label"], str(f["side"]), f["presence"]) for f in read_sr_findings(row["files"]["sr"]))
+        stated = sorted((f["label"], str(f["side"]), f["presence"]) for f in row["findings"] if f["presence"] != "negated")
+        assert coded == stated
+    *examples, flipped = rows
+    assert [r["gate"]["verdict"] for r in examples] == ["ok"] * len(examples)
+    assert not any(c["verdict"] == "conflict" for r in examples for c in r["checks"])
+    assert flipped["gate"]["verdict"] == "mirrored" and flipped["flagged"]

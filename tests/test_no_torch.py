@@ -17,6 +17,8 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, NoTorch())
     import radixpert.runtime, radixpert.config, radixpert.prompt, radixpert.imageio, radixpert.phantom, radixpert.errors
+    import radixpert.runtime.pipeline, radixpert.runtime.sr, radixpert.checks.checker, radixpert.evaluation.checks
+    import radixpert.evaluation.gate
     from radixpert.config import get_config
     from radixpert.imageio import read_image
     from radixpert.phantom import write_dataset
