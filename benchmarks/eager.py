@@ -74,7 +74,7 @@ class EagerEngine:
         image = normalize_imagenet(letterbox_resize(display, self.bundle.config.image_size))[None]
         t2 = time.perf_counter()
         with torch.inference_mode():
-            visual, _ = self.frontend(torch.from_numpy(image).to(self.device))
+            visual = self.frontend(torch.from_numpy(image).to(self.device))[0]
             self._sync()
             t3 = time.perf_counter()
             table = self.llm.get_input_embeddings()  # Gemma's scaled embedding, as in training

@@ -148,3 +148,13 @@ def test_gate_calls_broken_anatomy_implausible(phantom_masks, calibration):
 
 def test_gate_without_calibration_says_so(phantom_masks):
     assert _verdict(phantom_masks[0], None)["verdict"] == "not checked"
+
+
+def test_gate_side_rule_holds_even_when_ranges_are_wide(phantom_masks):
+    """Ranges calibrated on upright and mirrored maps admit both; the expected sides still decide."""
+    measures = [anatomy_measures(m, MASK_NAMES, (SIZE, SIZE)) for m in phantom_masks[:20]]
+    measures += [anatomy_measures(m[:, :, ::-1], MASK_NAMES, (SIZE, SIZE)) for m in phantom_masks[:20]]
+    wide = calibrate_gate(measures)
+    assert _verdict(phantom_masks[22], wide)["verdict"] == "ok"
+    verdict = _verdict(phantom_masks[22][:, :, ::-1], wide)
+    assert verdict["verdict"] == "mirrored"
