@@ -205,3 +205,54 @@ def test_cli_pool_is_an_encoder_option(phantom_csv, tmp_path):
     assert json.loads((tmp_path / "enc" / "encoder_metrics.json").read_text())["settings"]["pool"] == "mean"
     refused = CliRunner().invoke(cli, ["segmenter", *common, "--out", str(tmp_path / "seg"), "--pool", "mean"])
     assert refused.exit_code == 2 and "--pool" in refused.output
+
+
+def test_encoder_keeps_its_head_and_it_reproduces_the_training_scores(phantom_splits, tiny_config, tmp_path):
+    """The sided head is saved beside the encoder; loaded back onto the encoder it gives the run's own logits."""
+    from radixpert.model import EvidenceHead
+    from radixpert.train.experts import _PresenceProbe, head_outputs
+
+    train, val = phantom_splits
+    settings = ExpertSettings(steps=3, batch_size=4, seed=0, augment=False, eval_every=0, sided=True)
+    train_encoder(tiny_config, train, val, settings, tmp_path)
+    head = EvidenceHead.load(tmp_path / "encoder_head.safetensors", tiny_config.vision_dim)
+    assert head.outputs == head_outputs(sided=True) and head.outputs[0] == "presence:cardiomegaly"
+    assert "left:nodule" in head.outputs and head.pool == "mean-max"
+    probe = _PresenceProbe(tiny_config, "mean-max", head.outputs)
+    load_safetensors_into(probe.encoder, tmp_path / "encoder.safetensors", "encoder")
+    probe.head.linear.load_state_dict(head.linear.state_dict())
+    image = torch.from_numpy(ImageCache(tiny_config.image_size).get(val[0]).astype(np.float32))[None]
+    probe.eval()
+    with torch.no_grad():
+        features = probe.encoder(image)
+        assert torch.allclose(head(features), torch.sigmoid(probe(image)), atol=1e-6)
+        # Independent of EvidenceHead.pooled: the mean and the max over the grid, then the linear layer.
+        by_hand = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1) @ head.linear.weight.T
+        assert torch.allclose(head.logits(features), by_hand + head.linear.bias, atol=1e-5)
+
+
+def test_encoder_head_probe_leaves_the_encoder_bit_identical(phantom_splits, tiny_config, tmp_path):
+    """radixpert-train encoder-head: a linear probe on a frozen encoder; the encoder file never changes."""
+    from radixpert.bundle import sha256_of
+    from radixpert.model import EvidenceHead
+    from radixpert.train.evidence import fit_encoder_head
+
+    train, val = phantom_splits
+    # A briefly trained encoder: an untrained one gives nearly the same features for every image.
+    train_encoder(tiny_config, train, val, ExpertSettings(steps=30, batch_size=8, seed=0, augment=False, eval_every=0),
+                  tmp_path / "enc")
+    encoder = tmp_path / "enc" / "encoder.safetensors"
+    before = sha256_of(encoder)
+    metrics = fit_encoder_head(tiny_config, train, val, encoder, tmp_path / "head", steps=500)
+    assert sha256_of(encoder) == before == metrics["encoder_sha256_after"]
+    # The probe must beat the best constant predictor (each output's training prevalence).
+    from radixpert.train.experts import encoder_targets
+
+    targets = encoder_targets(train, sided=True)
+    prevalence = np.clip(targets.mean(axis=0), 1e-6, 1 - 1e-6)
+    constant = -np.mean(targets * np.log(prevalence) + (1 - targets) * np.log(1 - prevalence))
+    assert metrics["final_train_loss"] < 0.8 * constant, (metrics["final_train_loss"], constant)
+    head = EvidenceHead.load(tmp_path / "head" / "encoder_head.safetensors", tiny_config.vision_dim)
+    assert head.outputs == metrics["outputs"]
+    with pytest.raises(ModelError, match="does not fit"):
+        EvidenceHead.load(tmp_path / "head" / "encoder_head.safetensors", tiny_config.vision_dim * 2)
