@@ -50,8 +50,7 @@ class EagerEngine:
             raise ModelError(f"{bundle.root} has no hf/ folder (exported with --no-hf); re-export it without --no-hf "
                              "to compare against PyTorch")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.frontend = Frontend(bundle.config)
-        self.frontend.load_state_dict(load_file(str(weights)))
+        self.frontend = Frontend.from_state(bundle.config, load_file(str(weights)), bundle.manifest["visual"].get("evidence"))
         self.frontend.eval().to(self.device)
         self.llm = Gemma3ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval().to(self.device)
         self.llm.generation_config.eos_token_id = None  # a fixed token count: never stop early

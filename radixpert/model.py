@@ -264,6 +264,17 @@ class Frontend(nn.Module):
         self.fusion = AnatomyFusion(config)
         self.evidence: EvidenceHead | None = None
 
+    @classmethod
+    def from_state(cls, config: RadixpertConfig, state: dict[str, torch.Tensor],
+                   evidence: dict | None = None) -> "Frontend":
+        """A frontend loaded strictly from a bundle's ``frontend.safetensors``; ``evidence`` is the
+        manifest's ``visual.evidence`` (output names and pooling) when the bundle has a head."""
+        frontend = cls(config)
+        if evidence:
+            frontend.attach_evidence(EvidenceHead(config.vision_dim, evidence["outputs"], evidence.get("pool", "mean-max")))
+        frontend.load_state_dict(state)
+        return frontend
+
     def attach_evidence(self, head: EvidenceHead) -> None:
         """Add the encoder's frozen presence/side head as a third output."""
         self.evidence = head.requires_grad_(False).eval()

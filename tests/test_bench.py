@@ -106,11 +106,11 @@ def test_the_bundle_carries_the_pytorch_frontend_that_matches_its_onnx(bundle):
     from radixpert.runtime.frontend import OnnxFrontend
 
     loaded = load_bundle(bundle[0], verify=True)
-    frontend = Frontend(loaded.config)
-    frontend.load_state_dict(load_file(str(loaded.path_of("frontend-torch"))))
+    frontend = Frontend.from_state(loaded.config, load_file(str(loaded.path_of("frontend-torch"))),
+                                   loaded.manifest["visual"]["evidence"])
     image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
-        reference, _ = frontend.eval()(torch.from_numpy(image))
+        reference = frontend.eval()(torch.from_numpy(image))[0]
     exported, _ = OnnxFrontend(loaded.path_of("frontend"), providers=["CPUExecutionProvider"], threads=1).run(image)
     assert np.abs(reference.numpy() - exported).max() < 1e-4
 
