@@ -64,11 +64,15 @@ class GenerationResult:
     visual_prefill_s: float
     first_token_s: float
     decode_s: float
-    decode_steps: int  # single-token evaluations after the first token
+    decode_steps: int  # single-token evaluations after the first token (verify steps when batched)
+    drafted: int = 0  # speculative decoding: draft tokens proposed
+    accepted: int = 0  # and kept (each one a decode step saved)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s > 0 and self.decode_steps else 0.0
+        """Tokens after the first one, per second of decoding."""
+        decoded = self.decode_steps + self.accepted
+        return decoded / self.decode_s if self.decode_s > 0 and decoded else 0.0
 
 
 class LlamaRunner:
@@ -90,6 +94,8 @@ class LlamaRunner:
         n_batch: int = 512,
         flash_attention: bool | None = None,
         verbose: bool = False,
+        n_seq: int | None = None,
+        n_ubatch: int | None = None,
     ):
         llama_cpp = _import_llama_cpp()
         self._c = llama_cpp
@@ -111,9 +117,17 @@ class LlamaRunner:
             raise ModelError(f"llama.cpp could not load {path.name}; the file is corrupt or not a Gemma 3 GGUF")
         self.threads = threads or max(1, min(os.cpu_count() or 1, 8))
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
+        # Several sequences (batched decoding) get one KV stream each, n_ctx cells apiece, plus
+        # one more stream that holds the shared prompt prefix to copy from (radixpert.runtime.batched).
+        # Separate streams, not one unified buffer: the sequences share only a short prefix, and
+        # in a unified buffer every sequence's attention would scan every other's cells.
+        self.n_seq = int(n_seq or 1)
+        streams = 1 if n_seq is None else self.n_seq + 1
+        ctx_params.n_ctx = n_ctx * streams
+        ctx_params.n_seq_max = streams
+        ctx_params.kv_unified = False
         ctx_params.n_batch = n_batch
-        ctx_params.n_ubatch = n_batch
+        ctx_params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         self.threads_now = self.threads
         ctx_params.n_threads = self.threads
         ctx_params.n_threads_batch = self.threads
@@ -140,6 +154,8 @@ class LlamaRunner:
         self.n_batch = n_batch
         self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_ubatch = int(ctx_params.n_ubatch)
+        self.template_seq = self.n_seq if n_seq is not None else None  # the prefix stream in batched mode
         self._token_batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._embd_batch = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_past = 0
@@ -280,6 +296,56 @@ class LlamaRunner:
             ctypes.memmove(self._embd_batch.embd, chunk.ctypes.data, chunk.shape[0] * row_bytes)
             rows += self._decode(self._embd_batch, chunk.shape[0], all_logits)
         return np.stack(rows) if all_logits else rows[-1]
+
+    # --- several sequences (batched decoding) ---------------------------------------------
+    def seq_rm(self, seq: int, start: int, end: int = -1) -> None:
+        """Drop positions [start, end) of sequence ``seq`` (end -1: to its end)."""
+        self._check_open()
+        if not self._c.llama_memory_seq_rm(self._memory, seq, start, end):
+            raise ModelError("llama.cpp refused to trim a sequence of its KV cache")
+
+    def seq_cp(self, source: int, target: int, start: int = 0, end: int = -1) -> None:
+        """Copy positions [start, end) of sequence ``source`` into sequence ``target``."""
+        self._check_open()
+        self._c.llama_memory_seq_cp(self._memory, source, target, start, end)
+
+    def decode_tokens(self, rows: Sequence[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """One llama_decode of (sequence, position, token, want logits) rows, any sequences mixed;
+        the logits of the rows that want them, in row order."""
+        self._check_open()
+        if len(rows) > self.n_batch:
+            raise ModelError(f"{len(rows)} tokens in one step exceed the batch of {self.n_batch}")
+        batch = self._token_batch
+        for i, (seq, pos, token, logits) in enumerate(rows):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(token), int(pos), 1
+            batch.seq_id[i][0], batch.logits[i] = int(seq), 1 if logits else 0
+        batch.n_tokens = len(rows)
+        self._decode_checked(batch)
+        return [self._logits_row(i) for i, row in enumerate(rows) if row[3]]
+
+    def decode_embeddings(self, parts: Sequence[tuple[int, int, np.ndarray]]) -> None:
+        """Raw (n, n_embd) embeddings of several sequences, each from its start position, in as
+        few llama_decode calls as the batch allows; no logits (a suffix always follows)."""
+        self._check_open()
+        rows = [(seq, start + i, emb) for seq, start, embeddings in parts
+                for i, emb in enumerate(np.ascontiguousarray(embeddings, dtype=np.float32))]
+        row_bytes = self.n_embd * 4
+        batch = self._embd_batch
+        for first in range(0, len(rows), self.n_batch):
+            chunk = rows[first : first + self.n_batch]
+            data = np.ascontiguousarray(np.stack([emb for _, _, emb in chunk]), dtype=np.float32)
+            if data.shape[1] != self.n_embd:
+                raise ModelError(f"visual tokens have width {data.shape[1]}, the LLM expects {self.n_embd}")
+            ctypes.memmove(batch.embd, data.ctypes.data, data.shape[0] * row_bytes)
+            for i, (seq, pos, _) in enumerate(chunk):
+                batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = pos, 1, seq, 0
+            batch.n_tokens = len(chunk)
+            self._decode_checked(batch)
+
+    def _decode_checked(self, batch) -> None:
+        status = self._c.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise ModelError(f"llama_decode failed with status {status} (a full KV cache is status 1)")
 
     # --- generation ----------------------------------------------------------------------
     def start(self, prefix_ids: Sequence[int]) -> tuple[bool, float]:
