@@ -280,6 +280,10 @@ def build_bundle(run_dir: str | Path, out: Path, work: Path, options: ExportOpti
         llm_paths.pop(source_dtype).unlink()
     files += [(llm_paths[q], f"llm-{q}") for q in options.quants]
 
+    with steps.step("n-gram index"):
+        from radixpert.export.drafts import write_ngram_index
+
+        files.append((write_ngram_index(model, options, work), "ngram"))
     (work / LABELS).write_text(json.dumps(label_table(config.mask_names), indent=1) + "\n", encoding="utf-8")
     files.append((work / LABELS, "labels"))
     shutil.rmtree(work / "tmp-data", ignore_errors=True)

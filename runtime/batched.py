@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,7 +47,8 @@ class _Live:
     accepted: int = 0
     decode_s: float = 0.0
     stopped: str | None = None
-    prefix_cached: bool = field(default=True)
+    prefix_cached: bool = True
+    prefix_s: float = 0.0
 
 
 class BatchDecoder:
@@ -91,6 +92,7 @@ class BatchDecoder:
             raise ValueError(f"{len(items)} scans for {len(self.free)} free slots")
         if not items:
             return []
+        fresh = not self._prefix_ready  # these scans wait for the prefix to be decoded
         self._prepare_prefix()
         runner, n_prefix = self.runner, len(self.prefix)
         started = time.perf_counter()
@@ -109,7 +111,8 @@ class BatchDecoder:
         first_s = time.perf_counter() - started
         done = []
         for slot, (key, _), nv, row in zip(slots, items, n_visual, logits):
-            live = _Live(key, slot, n_prefix + nv + len(self.suffix), -1, [], visual_s, first_s, time.perf_counter())
+            live = _Live(key, slot, n_prefix + nv + len(self.suffix), -1, [], visual_s, first_s, time.perf_counter(),
+                         prefix_cached=not fresh, prefix_s=self.prefix_s if fresh else 0.0)
             self.live[slot] = live
             if self._decide(live, int(np.argmax(row))):
                 done.append(self._finish(live))
@@ -168,7 +171,7 @@ class BatchDecoder:
         del self.live[live.seq]
         self.runner.seq_rm(live.seq, 0, -1)
         self.free.append(live.seq)
-        result = GenerationResult(live.tokens, live.stopped or "max_tokens", True, self.prefix_s, live.visual_s,
+        result = GenerationResult(live.tokens, live.stopped or "max_tokens", live.prefix_cached, live.prefix_s, live.visual_s,
                                   live.first_token_s, live.decode_s, live.steps, drafted=live.drafted,
                                   accepted=live.accepted)
         return live.key, result

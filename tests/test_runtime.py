@@ -69,7 +69,7 @@ def test_runtime_writes_the_pytorch_reference_tokens(bundle, run_dir, scans):
     chosen = scans[:6]
     images = torch.from_numpy(np.stack([read_image(p, 224).model_input for p in chosen]))
     reference = model.generate(images, max_new_tokens=32, ignore_stop=True)
-    reporter = Reporter(load_bundle(out), quant="f32", threads=2)
+    reporter = Reporter(load_bundle(out), quant="f32", threads=2, speculative=False)
     try:
         produced = [reporter.report(p, ignore_eos=True, max_new_tokens=32).tokens for p in chosen]
     finally:

@@ -50,6 +50,10 @@ class Checker:
         self.guard_thresholds = checks.get("guard")
         self.mask_names = list(mask_names)
 
+    def gate(self, masks: np.ndarray, display_shape: Sequence[int]) -> dict[str, Any]:
+        """The anatomy gate alone: it needs only the maps, so it is known before any text."""
+        return gate_verdict(anatomy_measures(masks, self.mask_names, display_shape), self.gate_calibration)
+
     def check(self, report: str, masks: np.ndarray, evidence: np.ndarray | None,
               display_shape: Sequence[int]) -> Checked:
         """Findings, guard checks and the gate verdict for one scan (``masks`` (K, S, S), ``evidence`` (E,))."""
@@ -57,5 +61,4 @@ class Checker:
                  if self.evidence_outputs is not None and evidence is not None else None)
         findings = report_findings(report)
         checks = guard_checks(asserted(report), table, self.guard_thresholds)
-        gate = gate_verdict(anatomy_measures(masks, self.mask_names, display_shape), self.gate_calibration)
-        return Checked(findings, checks, gate, table)
+        return Checked(findings, checks, self.gate(masks, display_shape), table)

@@ -1,0 +1,117 @@
+"""Batched and speculative decoding give plain greedy decoding's tokens, scan by scan.
+
+The reference is the one-scan-at-a-time path (``LlamaRunner.generate``, itself tested against
+PyTorch in test_runtime.py), run on the same bundle at f32.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radixpert.bundle import load_bundle
+from radixpert.errors import UsageError
+from radixpert.runtime.batched import BatchDecoder
+from radixpert.runtime.llm import LlamaRunner
+from radixpert.runtime.ngram import NgramDrafter
+from radixpert.runtime.pipeline import Reporter, kv_bytes_per_token
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> list[Path]:
+    from radixpert.phantom import write_dataset
+
+    table = write_dataset(tmp_path_factory.mktemp("scans"), n=10, seed=23, size=256, workers=1)
+    with open(table, newline="", encoding="utf-8") as handle:
+        return [table.parent / row["DicomPath"] for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def plain(bundle, scans):
+    """One scan at a time, no drafts: the reference tokens and the visual tokens that made them."""
+    reporter = Reporter(load_bundle(bundle[0]), quant="f32", threads=2, speculative=False)
+    try:
+        results = [reporter.report(p) for p in scans]
+    finally:
+        reporter.close()
+    return results
+
+
+def test_report_many_batched_and_speculative_equal_plain_greedy(bundle, scans, plain):
+    loaded = load_bundle(bundle[0])
+    assert loaded.path_of("ngram") is not None
+    for batch in (1, 4):
+        reporter = Reporter(loaded, quant="f32", threads=2, batch=batch, speculative=True)
+        try:
+            produced = list(reporter.report_many(scans))
+        finally:
+            reporter.close()
+        assert [r.tokens for r in produced] == [r.tokens for r in plain]
+        assert [r.report for r in produced] == [r.report for r in plain]
+        assert [r.path for r in produced] == [str(p) for p in scans]  # input order
+
+
+def test_decoder_with_drafts_that_are_mostly_right_equals_plain_greedy(bundle, scans, plain):
+    """Drafts taken from the reference itself (long accepted runs) and from other scans' reports
+    (partly wrong): every acceptance path, against the reference tokens."""
+    loaded = load_bundle(bundle[0])
+    tokens = loaded.token_ids
+    tail = tokens["suffix"][-6:]
+    references = [r.tokens for r in plain]
+    with LlamaRunner(loaded.llm_path("f32"), n_ctx=loaded.manifest["llm"]["n_ctx"], threads=2, gpu_layers=0,
+                     n_seq=4, n_batch=512) as runner:
+        from radixpert.imageio import letterbox_resize, normalize_imagenet
+        from radixpert.runtime.frontend import OnnxFrontend
+
+        frontend = OnnxFrontend(loaded.path_of("frontend"), threads=2)
+        visual = frontend.run(np.stack([normalize_imagenet(letterbox_resize(r.display, 224)) for r in plain]))[0]
+        for drafter in (NgramDrafter([tail + t for t in references]), NgramDrafter([tail + t for t in references[::2]])):
+            decoder = BatchDecoder(runner, tokens["prefix"], tokens["suffix"], 128, tokens["stop"], drafter, 8)
+            queue = list(enumerate(visual))
+
+            def fill(free: int):
+                taken = queue[:free]
+                del queue[:free]
+                return taken
+
+            results = dict(decoder.run(fill))
+            assert [results[i].tokens for i in range(len(plain))] == references
+            assert sum(r.accepted for r in results.values()) > 0
+
+
+def test_ngram_drafter_proposes_the_most_frequent_continuation():
+    drafter = NgramDrafter([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [9, 2, 3, 7]])
+    assert drafter.propose([1, 2, 3], 1) == [5]  # (1, 2, 3) -> 5 twice, 4 once
+    assert drafter.propose([9, 2, 3], 3) == [7]  # nothing follows 7
+    assert drafter.propose([8, 3], 2) == []  # an unseen context: no draft
+    assert drafter.propose([0, 1, 2], 4) == [3, 5]
+
+
+def test_batch_refuses_a_kv_cache_that_does_not_fit(bundle):
+    loaded = load_bundle(bundle[0])
+    per_stream = kv_bytes_per_token(loaded.config) * loaded.manifest["llm"]["n_ctx"] / 2**20
+    with pytest.raises(UsageError, match=r"--batch 8 needs .* MiB of KV cache"):
+        Reporter(loaded, quant="f32", threads=1, batch=8, kv_memory_mib=per_stream * 8.5)
+    Reporter(loaded, quant="f32", threads=1, batch=8, kv_memory_mib=per_stream * 9.5).close()  # 8 + the prefix stream
+
+
+def test_kv_size_matches_llama_cpp(bundle):
+    """Our per-token KV estimate against the growth of llama.cpp's own saved state of a sequence
+    (within the sliding window, where every layer keeps every token)."""
+    import llama_cpp
+
+    loaded = load_bundle(bundle[0])
+    sizes = []
+    for count in (20, 50):
+        assert count <= loaded.config.llm_sliding_window
+        with LlamaRunner(loaded.llm_path("f32"), n_ctx=loaded.manifest["llm"]["n_ctx"], threads=1, gpu_layers=0) as runner:
+            runner.eval_tokens(list(range(10, 10 + count)))
+            sizes.append(llama_cpp.llama_state_seq_get_size(runner._ctx, 0))
+    # The saved state also holds each cell's position and sequence ids (12 bytes per cache: the
+    # sliding-window one and the full one), beside the K and V data the estimate counts.
+    per_token = (sizes[1] - sizes[0]) / 30
+    assert kv_bytes_per_token(loaded.config) <= per_token <= kv_bytes_per_token(loaded.config) + 32, per_token
