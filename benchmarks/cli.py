@@ -59,6 +59,9 @@ def main() -> None:
       radixpert-bench synthetic --llm medgemma-4b --quant q4_k_m
                                               the full-size model with random weights (no training needed)
       radixpert-bench contention --bundle B   idle vs beside a CPU-bound process, per thread-wait setting
+      radixpert-bench throughput --bundle B   reports/hour at --batch 1,2,4,8, with and without speculative decoding
+      radixpert-bench prefill --bundle B      prompt prefill across n_ubatch, prefill threads and LLM file type
+      radixpert-bench verify --bundle B       the cost of verifying k draft tokens in one step vs decoding 1
       radixpert-bench diff A.json B.json      are two runs' medians within each other's spread?
 
     Every subcommand writes result.json, result.md and stages.png. Benchmarks report; they set no pass mark.
@@ -105,23 +108,39 @@ def compare(bundle_dir: str, quant: str | None, device: str | None, **common: An
                          "radixpert version to compare against PyTorch")
     ctx = _prepare(bundle_dir, quant, "compare", None, common, default_repeats=5)
     rounds = common["rounds"]
-    processes: dict[str, list[dict[str, Any]]] = {"runtime": [], "eager": []}
+    # The runtime one token per step, the runtime with speculative decoding (the same tokens), and eager.
+    variants = {"runtime": {"engine": "runtime"}, "runtime_speculative": {"engine": "runtime", "speculative": True},
+                "eager": {"engine": "eager", "device": device}}
+    if load_bundle(bundle_dir).path_of("ngram") is None:
+        del variants["runtime_speculative"]  # a bundle exported before the n-gram index
+    processes: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with _progress() as progress:
         for r in range(rounds):
-            for engine in (("runtime", "eager") if r % 2 == 0 else ("eager", "runtime")):  # ABBA: drift cancels
-                spec = {**ctx["spec"], "engine": engine, "device": device}
-                processes[engine].append(_spawn(progress, spec, f"{engine} (round {r + 1}/{rounds})"))
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))  # ABBA: drift cancels
+            for name in order:
+                spec = {**ctx["spec"], **variants[name]}
+                processes[name].append(_spawn(progress, spec, f"{name.replace('_', ' ')} (round {r + 1}/{rounds})"))
     result = _base_result(ctx, "compare")
-    result.update(runtime=combine(processes["runtime"]), eager=combine(processes["eager"]), params=ctx["params"])
-    rt, eg = result["runtime"]["summary"], result["eager"]["summary"]
+    result.update({name: combine(runs) for name, runs in processes.items()}, params=ctx["params"])
+    eg = result["eager"]["summary"]
+    result["ratios"] = speedups(result["runtime"], result["eager"])
+    tables = {"runtime": result["runtime"]["summary"]}
+    if "runtime_speculative" in result:
+        result["ratios_speculative"] = speedups(result["runtime_speculative"], result["eager"])
+        tables["runtime, speculative"] = result["runtime_speculative"]["summary"]
+    a, b = result["runtime"]["tokens_first_scan"], result["eager"]["tokens_first_scan"]
+    result["token_agreement"] = {"common_prefix": common_prefix(a, b), "tokens": max(len(a), len(b))}
+    _finish(ctx, result, {**tables, "eager (PyTorch)": eg})
+
+
+def speedups(runtime: dict[str, Any], eager: dict[str, Any]) -> dict[str, float]:
+    """Eager time ÷ runtime time per stage (tokens/s: runtime ÷ eager), from one invocation's medians."""
+    rt, eg = runtime["summary"], eager["summary"]
     ratios = {k: eg[k]["median"] / rt[k]["median"] for k in ("read_ms", "preprocess_ms", "frontend_ms", "prefill_ms",
                                                                "ttft_ms", "decode_ms", "total_ms")}
     ratios["decode_tokens_per_s"] = rt["decode_tokens_per_s"]["median"] / eg["decode_tokens_per_s"]["median"]
-    ratios["cold_start_ms"] = result["eager"]["cold"]["median"] / result["runtime"]["cold"]["median"]
-    result["ratios"] = ratios
-    a, b = result["runtime"]["tokens_first_scan"], result["eager"]["tokens_first_scan"]
-    result["token_agreement"] = {"common_prefix": common_prefix(a, b), "tokens": max(len(a), len(b))}
-    _finish(ctx, result, {"runtime": rt, "eager (PyTorch)": eg})
+    ratios["cold_start_ms"] = eager["cold"]["median"] / runtime["cold"]["median"]
+    return ratios
 
 
 @main.command()
@@ -186,6 +205,167 @@ def synthetic(llm: str, quant: str, **common: Any) -> None:
         bundle_dir = synthetic_bundle(llm, quant, common["tokens"], threads=common["threads"], step=step)
     _bench_runtime(str(bundle_dir), quant, "synthetic", f"synthetic {llm} {quant} (random weights)", default_repeats=3,
                    **common)
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--batch", "batches", default="1,2,4,8", show_default=True, help="Batch sizes to measure, comma-separated.")
+@click.option("--scans", "count", type=click.IntRange(1, 10000), default=16, show_default=True,
+              help="How many scans each setting reports: phantom DICOMs of seed 7 (made once under $RADIXPERT_CACHE).")
+@click.option("--scan", "given", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Report these scans instead (repeatable).")
+@click.option("--no-speculative", is_flag=True, help="Measure plain decoding only (no speculative rows).")
+@click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads [default: usable CPUs, at most 8].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for result.json and result.md [default: bench-results/throughput-<bundle name>].")
+@cli_errors()
+def throughput(bundle_dir: str, batches: str, count: int, given: tuple[str, ...], no_speculative: bool, quant: str | None,
+               threads: int | None, out_dir: str | None) -> None:
+    """Reports per hour at each batch size, with and without speculative decoding.
+
+    Each setting runs in a fresh process and reports the same scans (EOS honoured). Per setting:
+    reports/hour and its ratio to plain batch 1, p50/p95 latency per report, decode tokens/s per
+    sequence and aggregate, draft acceptance, how many reports are identical to plain decoding's,
+    peak RSS and the KV cache size.
+    """
+    from radixpert.benchmarks.report import command_line, machine_info, write_json
+    from radixpert.benchmarks.throughput import markdown, measure_throughput
+    from radixpert.bundle import load_bundle
+
+    sizes = sorted({int(b) for b in batches.split(",") if b.strip()})
+    if not sizes or sizes[0] < 1:
+        raise UsageError(f"--batch takes a comma list of positive sizes, got {batches!r}")
+    bundle = load_bundle(bundle_dir)
+    scans = [str(Path(s).resolve()) for s in given] or throughput_scans(count)
+    with _progress() as progress:
+        rows = measure_throughput(str(Path(bundle_dir).resolve()), scans, sizes, not no_speculative, threads, quant,
+                                  progress=lambda what: progress.add_task(what, total=None))
+    name = _slug(f"throughput-{Path(bundle_dir).name}")
+    out = Path(out_dir) if out_dir else Path("bench-results") / name
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": command_line(), "title": f"{Path(bundle_dir).name} ({quant or bundle.manifest['llm']['default_quant']})",
+              "scans": len(scans), "rows": rows, "machine": machine_info(threads or min(os.cpu_count() or 1, 8))}
+    write_json(result, out / "result.json")
+    text = markdown(result)
+    (out / "result.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {out / 'result.json'} and {out / 'result.md'}", err=True)
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--quants", default=None, help="LLM files to compare, comma-separated [default: every one in the bundle].")
+@click.option("--ubatch", "ubatches", default="64,128,256,512", show_default=True, help="llama.cpp n_ubatch values.")
+@click.option("--threads-batch", "batch_threads", default=None, help="Prefill thread counts [default: 1 up to --threads].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Decode threads [default: usable CPUs, at most 8].")
+@click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True, help="Timed rounds (interleaved).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for result.json and result.md [default: bench-results/prefill-<bundle name>].")
+@cli_errors()
+def prefill(bundle_dir: str, quants: str | None, ubatches: str, batch_threads: str | None, threads: int | None,
+            rounds: int, out_dir: str | None) -> None:
+    """The prompt prefill across n_ubatch, prefill threads and LLM file type (a real scan's visual tokens)."""
+    from radixpert.benchmarks.prefill import markdown, measure_prefill
+    from radixpert.benchmarks.report import command_line, write_json
+    from radixpert.bundle import load_bundle
+    from radixpert.imageio import read_image
+    from radixpert.runtime.frontend import OnnxFrontend
+
+    bundle = load_bundle(bundle_dir)
+    files = [q.strip() for q in quants.split(",")] if quants else bundle.quants
+    missing = [q for q in files if q not in bundle.quants]
+    if missing:
+        raise UsageError(f"the bundle has no {', '.join(missing)} LLM file; it has {', '.join(bundle.quants)}")
+    threads = threads or min(len(os.sched_getaffinity(0)), 8)
+    counts = [int(t) for t in batch_threads.split(",")] if batch_threads else list(range(1, threads + 1))
+    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
+    visual = OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
+    with _progress() as progress:
+        rows = measure_prefill(bundle, visual, files, [int(u) for u in ubatches.split(",")], counts, threads, rounds,
+                               progress=lambda what: progress.add_task(what, total=None))
+    out = Path(out_dir) if out_dir else Path("bench-results") / _slug(f"prefill-{Path(bundle_dir).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": command_line(), "title": Path(bundle_dir).name, "rounds": rounds, "threads": threads, "rows": rows}
+    write_json(result, out / "result.json")
+    text = markdown(result)
+    (out / "result.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {out / 'result.json'} and {out / 'result.md'}", err=True)
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--k", "counts", default="1,2,3,5,9", show_default=True,
+              help="Tokens per verify step (1 = plain decoding; k drafts are verified in a step of k + 1).")
+@click.option("--acceptance", type=click.FloatRange(0, 1), default=None,
+              help="A draft acceptance rate measured elsewhere (e.g. the demo's, from throughput), to project the gain.")
+@click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads [default: usable CPUs, at most 8].")
+@click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True, help="Timed rounds.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for result.json and result.md [default: bench-results/verify-<bundle name>].")
+@cli_errors()
+def verify(bundle_dir: str, counts: str, acceptance: float | None, quant: str | None, threads: int | None, rounds: int,
+           out_dir: str | None) -> None:
+    """The cost of one decode step that verifies k tokens against one that decodes 1, after a real prompt.
+
+    With --acceptance a (from a model whose drafts can be judged), a step of k drafts yields on
+    average 1 + a + a^2 + ... + a^k tokens (drafts accepted in order, then the model's own token);
+    the projected decode speed-up is that over the step's cost ratio, and is labelled a projection.
+    """
+    from radixpert.benchmarks.prefill import measure_verify_cost
+    from radixpert.benchmarks.report import command_line, write_json
+    from radixpert.bundle import load_bundle
+    from radixpert.imageio import read_image
+    from radixpert.runtime.frontend import OnnxFrontend
+
+    bundle = load_bundle(bundle_dir)
+    ks = sorted({int(k) for k in counts.split(",") if k.strip()})
+    if not ks or ks[0] != 1:
+        raise UsageError("--k must include 1 (plain decoding, the reference)")
+    threads = threads or min(len(os.sched_getaffinity(0)), 8)
+    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
+    visual = OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
+    with _progress() as progress:
+        progress.add_task("verify steps", total=None)
+        rows = measure_verify_cost(bundle, visual, ks, threads, quant, rounds)
+    for row in rows:
+        if acceptance is not None:
+            drafts = row["k"] - 1
+            expected = sum(acceptance ** i for i in range(drafts + 1))  # tokens per step
+            row["projected_tokens_per_step"] = expected
+            row["projected_speedup"] = expected / row["vs_first"]
+    out = Path(out_dir) if out_dir else Path("bench-results") / _slug(f"verify-{Path(bundle_dir).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": command_line(), "title": Path(bundle_dir).name, "threads": threads, "rounds": rounds,
+              "acceptance": acceptance, "rows": rows}
+    write_json(result, out / "result.json")
+    lines = [f"# radixpert-bench verify: {result['title']}", "", f"`{result['command']}`", "",
+             "| tokens verified in one step | median ms | min–max ms | × one token |"
+             + (" projected tokens/step | projected decode speed-up (a projection) |" if acceptance is not None else ""),
+             "|---|---|---|---|" + ("---|---|" if acceptance is not None else "")]
+    for r in rows:
+        line = f"| {r['k']} | {r['median_ms']:.0f} | {r['min_ms']:.0f}–{r['max_ms']:.0f} | {r['vs_first']:.2f}× |"
+        if acceptance is not None:
+            line += f" {r['projected_tokens_per_step']:.2f} | {r['projected_speedup']:.2f}× |"
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    (out / "result.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"wrote {out / 'result.json'} and {out / 'result.md'}", err=True)
+
+
+def throughput_scans(count: int) -> list[str]:
+    """``count`` 1024² phantom DICOMs of seed 7 (the evaluation seed, never trained on), made once."""
+    from radixpert.atomic import build_once
+    from radixpert.paths import cache_dir
+    from radixpert.phantom import write_dataset
+
+    folder = cache_dir() / f"throughput-scans-{count}"
+    build_once(folder, lambda partial: write_dataset(partial, n=count, seed=7, size=1024, workers=1, progress=False),
+               done=lambda path: len(list((path / "dicom").glob("*.dcm"))) >= count, what="the throughput scans")
+    return sorted(str(p) for p in (folder / "dicom").glob("*.dcm"))[:count]
 
 
 @main.command()

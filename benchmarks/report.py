@@ -199,10 +199,32 @@ def markdown_compare(result: dict[str, Any]) -> str:
         f"**End to end: {ratios['total_ms']:.2f}× faster** than PyTorch eager (median per report). Speed-up = eager ÷ "
         "runtime time (for tokens/s: runtime ÷ eager). Greedy tokens of the first scan agree for the first "
         f"{agree['common_prefix']} of {agree['tokens']} (a quantized LLM drifts from fp32 after a while).",
+        *_speculative_lines(result),
         *_bound_lines(result.get("bound")),
         *_machine_lines(result["machine"], [result["runtime"]["engine"], result["eager"]["engine"]]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _speculative_lines(result: dict[str, Any]) -> list[str]:
+    """The speculative-decoding row of compare: the same runtime, drafts verified from the n-gram index."""
+    if "ratios_speculative" not in result:
+        return []
+    sp, ratios = result["runtime_speculative"]["summary"], result["ratios_speculative"]
+    drafted = sp.get("drafted_tokens", {}).get("median", 0.0)
+    accepted = sp.get("accepted_tokens", {}).get("median", 0.0)
+    rows = [[LABELS[k], _cell(sp.get(k)), f"{ratios[k]:.2f}×"] for k in ("prefill_ms", "decode_ms", "total_ms")]
+    rows.append(["decode tokens/s", _cell(sp.get("decode_tokens_per_s")), f"{ratios['decode_tokens_per_s']:.2f}×"])
+    return [
+        "",
+        "## With speculative decoding",
+        "",
+        *_table(rows, ["stage", "runtime speculative ms: median (p95; min–max)", "speed-up vs eager"]),
+        "",
+        f"**End to end with speculative decoding: {ratios['total_ms']:.2f}× faster** than PyTorch eager. Median "
+        f"drafts per report {drafted:.0f}, accepted {accepted:.0f}"
+        + (f" ({accepted / drafted:.0%})." if drafted else "."),
+    ]
 
 
 # --------------------------------------------------------------------------- chart

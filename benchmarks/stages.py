@@ -54,13 +54,14 @@ class RuntimeEngine:
     """The exported chain, exactly as radixpert-run drives it."""
 
     def __init__(self, bundle_dir: str | Path, threads: int | None = None, quant: str | None = None,
-                 providers: list[str] | None = None, gpu_layers: int | None = None, frontend: str = "fp32"):
+                 providers: list[str] | None = None, gpu_layers: int | None = None, frontend: str = "fp32",
+                 speculative: bool = False):
         from radixpert.runtime.pipeline import Reporter
 
         started = time.perf_counter()
         self.bundle = load_bundle(bundle_dir)
         self.reporter = Reporter(self.bundle, providers=providers, threads=threads, quant=quant, gpu_layers=gpu_layers,
-                                 frontend_variant=frontend)
+                                 frontend_variant=frontend, speculative=speculative)
         self.load_ms = (time.perf_counter() - started) * 1e3
 
     def report(self, path: str, tokens: int) -> tuple[dict[str, float], list[int]]:

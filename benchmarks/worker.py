@@ -68,7 +68,7 @@ def _child(spec_path: str, out_path: str) -> int:
 
             engine: Any = RuntimeEngine(spec["bundle"], threads=spec.get("threads"), quant=spec.get("quant"),
                                         providers=spec.get("providers"), gpu_layers=spec.get("gpu_layers"),
-                                        frontend=spec.get("frontend", "fp32"))
+                                        frontend=spec.get("frontend", "fp32"), speculative=spec.get("speculative", False))
         elif spec["engine"] == "eager":
             from radixpert.benchmarks.eager import EagerEngine
 

@@ -55,13 +55,15 @@ class BatchDecoder:
     """Greedy decoding of many scans, ``runner.n_seq`` at a time."""
 
     def __init__(self, runner: LlamaRunner, prefix_ids: Sequence[int], suffix_ids: Sequence[int], max_new_tokens: int,
-                 stop_ids: Sequence[int] = (), drafter: NgramDrafter | None = None, draft_tokens: int = 8):
+                 stop_ids: Sequence[int] = (), drafter: NgramDrafter | None = None, draft_tokens: int = 8,
+                 ignore_eos: bool = False):
         if runner.template_seq is None:
             raise ValueError("BatchDecoder needs a LlamaRunner made with n_seq=B (batched mode)")
         self.runner = runner
         self.prefix, self.suffix = list(prefix_ids), list(suffix_ids)
         self.max_new_tokens = int(max_new_tokens)
         self.stops = set(stop_ids)
+        self.ignore_eos = ignore_eos  # decode exactly max_new_tokens (benchmarks compare fixed work)
         self.drafter = drafter
         self.draft_tokens = int(draft_tokens) if drafter is not None else 0
         self.live: dict[int, _Live] = {}
@@ -157,7 +159,7 @@ class BatchDecoder:
 
     def _decide(self, live: _Live, token: int) -> bool:
         """Take the model's next token; True when the sequence has finished."""
-        if token in self.stops or self.runner.is_end_of_generation(token):
+        if not self.ignore_eos and (token in self.stops or self.runner.is_end_of_generation(token)):
             live.stopped = "eog"
             return True
         live.tokens.append(token)

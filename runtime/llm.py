@@ -96,6 +96,7 @@ class LlamaRunner:
         verbose: bool = False,
         n_seq: int | None = None,
         n_ubatch: int | None = None,
+        threads_batch: int | None = None,
     ):
         llama_cpp = _import_llama_cpp()
         self._c = llama_cpp
@@ -130,7 +131,7 @@ class LlamaRunner:
         ctx_params.n_ubatch = min(n_ubatch or n_batch, n_batch)
         self.threads_now = self.threads
         ctx_params.n_threads = self.threads
-        ctx_params.n_threads_batch = self.threads
+        ctx_params.n_threads_batch = threads_batch or self.threads  # prompt prefill (compute-bound)
         # Keep every sliding-window layer's cache whole, so trimming back to the cached
         # prefix is always possible (pruned SWA entries could not be restored).
         ctx_params.swa_full = True

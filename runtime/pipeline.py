@@ -103,8 +103,9 @@ class Reporter:
         # The context was sized at export for the configured report length.
         room = n_ctx - len(self.prefix_ids) - bundle.config.num_visual_tokens - len(self.suffix_ids)
         self.max_new_tokens = max(1, min(limit, room))
-        self.decoder = (BatchDecoder(self.llm, self.prefix_ids, self.suffix_ids, self.max_new_tokens, self.stop_ids,
-                                     self.drafter, draft_tokens) if batched else None)
+        self.batched = batched
+        self.draft_tokens = draft_tokens
+        self._decoders: dict[tuple[int, bool], BatchDecoder] = {}
         self.load_s = time.perf_counter() - started
 
     @property
@@ -160,10 +161,10 @@ class Reporter:
     def report(self, path: str | Path, on_token: Callable[[str], None] | None = None, ignore_eos: bool = False,
                max_new_tokens: int | None = None) -> ScanReport:
         """Write the draft report for one scan; InputError for a refused file."""
-        if self.decoder is not None:
-            if on_token is not None or ignore_eos or max_new_tokens is not None:
-                raise UsageError("streaming and fixed-length decoding need batch 1 without speculative decoding")
-            (result,) = self.report_many([path])
+        if self.batched:
+            if on_token is not None:
+                raise UsageError("streaming needs batch 1 without speculative decoding (--no-speculative)")
+            (result,) = self.report_many([path], max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
             if isinstance(result, Exception):
                 raise result
             return result
@@ -185,16 +186,25 @@ class Reporter:
         return self._finish(path, display, meta, outputs, result, timings)
 
     # --- many scans -------------------------------------------------------------------------
-    def report_many(self, paths: Sequence[str | Path]) -> Iterator[ScanReport | InputError]:
+    def decoder(self, max_new_tokens: int | None = None, ignore_eos: bool = False) -> BatchDecoder:
+        """The batch decoder for a report length (one per length, sharing the context; they run one after another)."""
+        key = (max_new_tokens or self.max_new_tokens, ignore_eos)
+        if key not in self._decoders:
+            self._decoders[key] = BatchDecoder(self.llm, self.prefix_ids, self.suffix_ids, key[0], self.stop_ids,
+                                               self.drafter, self.draft_tokens, ignore_eos=ignore_eos)
+        return self._decoders[key]
+
+    def report_many(self, paths: Sequence[str | Path], max_new_tokens: int | None = None,
+                    ignore_eos: bool = False) -> Iterator[ScanReport | InputError]:
         """Reports for ``paths`` in input order: a ScanReport, or the InputError of a refused scan.
 
         Scans are read and run through the frontend as decoding slots free up, several at once
         (the ONNX graph takes a dynamic batch), and decoded together (``batch``).
         """
-        if self.decoder is None:
+        if not self.batched:
             for path in paths:
                 try:
-                    yield self.report(path)
+                    yield self.report(path, ignore_eos=ignore_eos, max_new_tokens=max_new_tokens)
                 except InputError as exc:
                     yield exc
             return
@@ -228,7 +238,7 @@ class Reporter:
             return items
 
         emitted = 0
-        for index, result in self.decoder.run(fill):
+        for index, result in self.decoder(max_new_tokens, ignore_eos).run(fill):
             display, meta, outputs, timings = state.pop(index)
             done[index] = self._finish(paths[index], display, meta, outputs, result, timings)
             while emitted in done:
