@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -102,8 +103,11 @@ def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
 @_uncertain_option
 @click.option("--frontend", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Frontend model: fp32, or the INT8 one of a bundle exported with radixpert-export --int8.")
+@click.option("--batch", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Scans decoded together (the same reports as one at a time, faster).")
+@click.option("--no-speculative", is_flag=True, help="Decode one token per step (no drafts from the n-gram index).")
 def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
-           out_dir, uncertain, frontend) -> None:
+           out_dir, uncertain, frontend, batch, no_speculative) -> None:
     """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
     require_metric_libraries()  # before the reports, not after them
     from radixpert.evaluation.checks import markdown as checks_markdown
@@ -130,15 +134,18 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     out = Path(out_dir) if out_dir else Path(f"eval-{Path(bundle_dir).name}-{split}")
     out.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens,
-                        frontend_variant=frontend)
+                        frontend_variant=frontend, batch=batch, speculative=not no_speculative)
     pairs, refused, checked = [], 0, []
+    started = time.perf_counter()
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle, \
             Progress(TextColumn("[bold]report"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("report", total=len(studies))
-        for study in studies:
+        results = reporter.report_many([Path(s.image_path) for s in studies])
+        for study, result in zip(studies, results):
             record: dict = {"input": study.image_path}
             try:
-                result = reporter.report(Path(study.image_path))
+                if isinstance(result, InputError):
+                    raise result
                 gate = {k: v for k, v in result.checked.gate.items() if k != "measures"}
                 record.update({"report": result.report, "checks": result.checked.checks, "gate": gate})
                 pairs.append(Pair(study.image_id, study.image_path, record["report"], study.report))
@@ -148,11 +155,14 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
                 refused += 1
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             bar.advance(task)
+    report_seconds = time.perf_counter() - started
     covered = [name.split(":", 1)[1] for name in reporter.checker.evidence_outputs or [] if name.startswith("presence:")]
     reporter.close()
     metrics, rows = evaluate(pairs, uncertain == "present")
     metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split,
                     "frontend": frontend, "command": "radixpert-eval " + shlex.join(sys.argv[1:]),
+                    "decoding": {"batch": batch, "speculative": not no_speculative,
+                                 "report_seconds": round(report_seconds, 1)},
                     "checks": score_checks(checked, covered)})
     _finish(metrics, rows, out, f"{Path(bundle_dir).name} on {split}")
     with (out / "metrics.md").open("a", encoding="utf-8") as handle:

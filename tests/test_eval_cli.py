@@ -139,21 +139,27 @@ class FakeReporter:
 
     reports: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, bundle, threads=None, max_new_tokens=None, frontend_variant="fp32"):
-        self.calls = 0
+    def __init__(self, bundle, **options):
+        from types import SimpleNamespace
 
-    def report(self, path: Path):
+        self.calls = 0
+        self.checker = SimpleNamespace(evidence_outputs=None)  # a bundle without an encoder head
+
+    def report_many(self, paths):
         from types import SimpleNamespace
 
         from radixpert.errors import InputError
 
-        self.calls += 1
-        if self.calls == 2:
-            raise InputError(f"{path.name}: truncated file")
-        text = self.reports[path.stem]
-        if self.calls % 2:
-            text = text.replace("derech", "@").replace("izquierd", "derech").replace("@", "izquierd")
-        return SimpleNamespace(report=text)
+        for path in paths:
+            self.calls += 1
+            if self.calls == 2:
+                yield InputError(f"{path.name}: truncated file")
+                continue
+            text = self.reports[path.stem]
+            if self.calls % 2:
+                text = text.replace("derech", "@").replace("izquierd", "derech").replace("@", "izquierd")
+            checked = SimpleNamespace(checks=[], gate={"verdict": "ok", "reasons": [], "measures": {}})
+            yield SimpleNamespace(report=text, checked=checked)
 
     def close(self):
         pass
@@ -223,10 +229,13 @@ def test_bundle_subcommand_runs_without_torch(tmp_path, phantom_table):
         from radixpert.evaluation.cli import main
 
         class Reporter:
+            checker = SimpleNamespace(evidence_outputs=None)
             def __init__(self, bundle, **kwargs):
                 pass
-            def report(self, path):
-                return SimpleNamespace(report="Derrame pleural derecho.")
+            def report_many(self, paths):
+                for path in paths:
+                    yield SimpleNamespace(report="Derrame pleural derecho.", checked=SimpleNamespace(
+                        checks=[], gate={{"verdict": "ok", "reasons": [], "measures": {{}}}}))
             def close(self):
                 pass
 

@@ -56,7 +56,7 @@ def reference(run_dir, tmp_path_factory):
     model.eval()
     images = sample_images(model, ExportOptions(samples=2), "test", 2, tmp_path_factory.mktemp("parity-images"))
     with torch.no_grad():
-        visual, masks = model.frontend(torch.from_numpy(images))
+        visual, masks = model.frontend(torch.from_numpy(images))[:2]
     return model, images, visual.numpy(), masks.numpy()
 
 
