@@ -52,9 +52,11 @@ class ScanReport:
 class Reporter:
     """A loaded bundle: the ORT frontend session and the llama.cpp model, ready for scans.
 
-    ``batch`` scans are decoded together and ``speculative`` decoding drafts from the bundle's
-    n-gram index (``radixpert.runtime.batched``); both give plain greedy decoding's tokens.
-    ``batch=1, speculative=False`` is the one-scan-at-a-time path, the only one that streams.
+    ``batch`` scans are decoded together (``radixpert.runtime.batched``): the same tokens as one at
+    a time. ``speculative`` decoding verifies drafts from the bundle's n-gram index; it is exact in
+    exact arithmetic, but llama.cpp's CPU kernels give different logits for several positions at
+    once, so it is off by default (docs/throughput.md). ``batch=1, speculative=False`` is the
+    one-scan-at-a-time path, the only one that streams.
     """
 
     def __init__(
@@ -67,7 +69,7 @@ class Reporter:
         max_new_tokens: int | None = None,
         frontend_variant: str = "fp32",
         batch: int = 1,
-        speculative: bool = True,
+        speculative: bool = False,
         draft_tokens: int = DRAFT_TOKENS,
         kv_memory_mib: float | None = None,
     ):
