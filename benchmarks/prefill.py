@@ -2,8 +2,8 @@
 llama.cpp's physical batch (``n_ubatch``), its prefill thread count and the LLM file type.
 
 Prefill is compute-bound where decode is memory-bound, so the file that decodes fastest need not
-prefill fastest. Torch-free, in this process; every setting is timed in rounds that interleave
-all settings, so a shared machine's noise lands on all of them alike.
+prefill fastest. Torch-free, in this process; one file's settings are timed in rounds that
+interleave them, so a shared machine's noise lands on all of them alike.
 """
 
 from __future__ import annotations
@@ -24,27 +24,26 @@ def measure_prefill(bundle: Any, visual: np.ndarray, quants: Sequence[str], ubat
 
     tokens = bundle.token_ids
     n_ctx = bundle.manifest["llm"]["n_ctx"]
-    runners = {}
-    for quant in quants:
-        for ubatch in ubatches:
-            for tb in batch_threads:
-                runners[(quant, ubatch, tb)] = LlamaRunner(bundle.llm_path(quant), n_ctx=n_ctx, threads=threads,
-                                                           gpu_layers=0, n_batch=512, n_ubatch=ubatch, threads_batch=tb)
-    times: dict[tuple[str, int, int], list[float]] = {key: [] for key in runners}
-    try:
-        for round_index in range(rounds + 1):  # round 0 warms every runner up and is not counted
-            if progress is not None:
-                progress(f"round {round_index}/{rounds}")
-            for key, runner in runners.items():
-                runner.start(tokens["prefix"])
-                started = time.perf_counter()
-                runner.eval_embeddings(visual)
-                runner.eval_tokens(tokens["suffix"])
-                if round_index:
-                    times[key].append((time.perf_counter() - started) * 1e3)
-    finally:
-        for runner in runners.values():
-            runner.close()
+    times: dict[tuple[str, int, int], list[float]] = {}
+    for quant in quants:  # one file's settings loaded at a time, interleaved among themselves
+        runners = {(quant, ubatch, tb): LlamaRunner(bundle.llm_path(quant), n_ctx=n_ctx, threads=threads, gpu_layers=0,
+                                                    n_batch=512, n_ubatch=ubatch, threads_batch=tb)
+                   for ubatch in ubatches for tb in batch_threads}
+        times.update({key: [] for key in runners})
+        try:
+            for round_index in range(rounds + 1):  # round 0 warms every runner up and is not counted
+                if progress is not None:
+                    progress(f"{quant} round {round_index}/{rounds}")
+                for key, runner in runners.items():
+                    runner.start(tokens["prefix"])
+                    started = time.perf_counter()
+                    runner.eval_embeddings(visual)
+                    runner.eval_tokens(tokens["suffix"])
+                    if round_index:
+                        times[key].append((time.perf_counter() - started) * 1e3)
+        finally:
+            for runner in runners.values():
+                runner.close()
     prompt = visual.shape[0] + len(tokens["suffix"])
     rows = []
     for (quant, ubatch, tb), values in times.items():

@@ -115,3 +115,26 @@ def test_kv_size_matches_llama_cpp(bundle):
     # sliding-window one and the full one), beside the K and V data the estimate counts.
     per_token = (sizes[1] - sizes[0]) / 30
     assert kv_bytes_per_token(loaded.config) <= per_token <= kv_bytes_per_token(loaded.config) + 32, per_token
+
+
+def test_cli_batch_prints_the_same_reports_in_input_order(bundle, scans):
+    import subprocess
+    import sys
+
+    out, _ = bundle
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "radixpert.runtime.cli", *map(str, scans[:5]), "--bundle", str(out),
+                               "--format", "json", "--quant", "f32", "--on-implausible", "warn", "--threads", "2", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    one, four = run(), run("--batch", "4")
+    assert one.returncode == four.returncode == 0, one.stderr[-2000:] + four.stderr[-2000:]
+    rows_one = [json.loads(line) for line in one.stdout.splitlines()]
+    rows_four = [json.loads(line) for line in four.stdout.splitlines()]
+    assert [r["input"] for r in rows_four] == [str(p) for p in scans[:5]]
+    assert [r["report"] for r in rows_four] == [r["report"] for r in rows_one]
+    assert {r["batch"] for r in rows_four} == {4} and not rows_four[0]["speculative"]
+    refused = run("--batch", "8", "--kv-memory", "1")
+    assert refused.returncode == 2 and "needs" in refused.stderr and "MiB of KV cache" in refused.stderr
+    assert "Traceback" not in refused.stderr
