@@ -27,6 +27,7 @@ import numpy as np
 from radixpert.errors import ModelError
 
 _LOG_CALLBACK = None  # kept alive for as long as llama.cpp may call it
+DEFAULT_UBATCH = 256
 
 
 def _import_llama_cpp():
@@ -128,7 +129,9 @@ class LlamaRunner:
         ctx_params.n_seq_max = streams
         ctx_params.kv_unified = False
         ctx_params.n_batch = n_batch
-        ctx_params.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        # Physical batch 256: the fastest prefill of the demo's 202-position prompt on our CPU, 7 % faster
+        # than 512 at q8_0 and the same tokens (the prompt fits in one either way); see docs/throughput.md.
+        ctx_params.n_ubatch = min(n_ubatch or DEFAULT_UBATCH, n_batch)
         self.threads_now = self.threads
         ctx_params.n_threads = self.threads
         ctx_params.n_threads_batch = threads_batch or self.threads  # prompt prefill (compute-bound)
