@@ -159,7 +159,6 @@ def contention(bundle_dir: str, quant: str | None, setting_names: str, **common:
     alternating idle and loaded within this invocation; the slow-down ratios are the result.
     """
     from radixpert.benchmarks.contention import SETTINGS, markdown, measure_contention
-    from radixpert.benchmarks.report import write_json
 
     names = [n.strip() for n in setting_names.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETTINGS]
@@ -172,11 +171,7 @@ def contention(bundle_dir: str, quant: str | None, setting_names: str, **common:
     result = _base_result(ctx, "contention")
     result.update(settings=names, rows=rows, params=ctx["params"])
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = markdown(result)
-    write_json(result, ctx["out"] / "result.json")
-    (ctx["out"] / "result.md").write_text(text, encoding="utf-8")
-    click.echo(text)
-    click.echo(f"wrote {ctx['out'] / 'result.json'} and {ctx['out'] / 'result.md'}", err=True)
+    save_result(ctx["out"], result, markdown(result))
 
 
 @main.command()
@@ -229,7 +224,7 @@ def throughput(bundle_dir: str, batches: str, count: int, given: tuple[str, ...]
     sequence and aggregate, draft acceptance, how many reports are identical to plain decoding's,
     peak RSS and the KV cache size.
     """
-    from radixpert.benchmarks.report import command_line, machine_info, write_json
+    from radixpert.benchmarks.report import command_line, machine_info
     from radixpert.benchmarks.throughput import markdown, measure_throughput
     from radixpert.bundle import load_bundle
 
@@ -246,11 +241,7 @@ def throughput(bundle_dir: str, batches: str, count: int, given: tuple[str, ...]
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command_line(), "title": f"{Path(bundle_dir).name} ({quant or bundle.manifest['llm']['default_quant']})",
               "scans": len(scans), "rows": rows, "machine": machine_info(threads or min(os.cpu_count() or 1, 8))}
-    write_json(result, out / "result.json")
-    text = markdown(result)
-    (out / "result.md").write_text(text, encoding="utf-8")
-    click.echo(text)
-    click.echo(f"wrote {out / 'result.json'} and {out / 'result.md'}", err=True)
+    save_result(out, result, markdown(result))
 
 
 @main.command()
@@ -267,7 +258,7 @@ def prefill(bundle_dir: str, quants: str | None, ubatches: str, batch_threads: s
             rounds: int, out_dir: str | None) -> None:
     """The prompt prefill across n_ubatch, prefill threads and LLM file type (a real scan's visual tokens)."""
     from radixpert.benchmarks.prefill import markdown, measure_prefill
-    from radixpert.benchmarks.report import command_line, write_json
+    from radixpert.benchmarks.report import command_line
     from radixpert.bundle import load_bundle
     from radixpert.imageio import read_image
     from radixpert.runtime.frontend import OnnxFrontend
@@ -287,11 +278,7 @@ def prefill(bundle_dir: str, quants: str | None, ubatches: str, batch_threads: s
     out = Path(out_dir) if out_dir else Path("bench-results") / _slug(f"prefill-{Path(bundle_dir).name}")
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command_line(), "title": Path(bundle_dir).name, "rounds": rounds, "threads": threads, "rows": rows}
-    write_json(result, out / "result.json")
-    text = markdown(result)
-    (out / "result.md").write_text(text, encoding="utf-8")
-    click.echo(text)
-    click.echo(f"wrote {out / 'result.json'} and {out / 'result.md'}", err=True)
+    save_result(out, result, markdown(result))
 
 
 @main.command()
@@ -315,7 +302,7 @@ def verify(bundle_dir: str, counts: str, acceptance: float | None, quant: str | 
     the projected decode speed-up is that over the step's cost ratio, and is labelled a projection.
     """
     from radixpert.benchmarks.prefill import measure_verify_cost
-    from radixpert.benchmarks.report import command_line, write_json
+    from radixpert.benchmarks.report import command_line
     from radixpert.bundle import load_bundle
     from radixpert.imageio import read_image
     from radixpert.runtime.frontend import OnnxFrontend
@@ -340,7 +327,6 @@ def verify(bundle_dir: str, counts: str, acceptance: float | None, quant: str | 
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command_line(), "title": Path(bundle_dir).name, "threads": threads, "rounds": rounds,
               "acceptance": acceptance, "rows": rows}
-    write_json(result, out / "result.json")
     lines = [f"# radixpert-bench verify: {result['title']}", "", f"`{result['command']}`", "",
              "| tokens verified in one step | median ms | min–max ms | × one token |"
              + (" projected tokens/step | projected decode speed-up (a projection) |" if acceptance is not None else ""),
@@ -350,7 +336,14 @@ def verify(bundle_dir: str, counts: str, acceptance: float | None, quant: str | 
         if acceptance is not None:
             line += f" {r['projected_tokens_per_step']:.2f} | {r['projected_speedup']:.2f}× |"
         lines.append(line)
-    text = "\n".join(lines) + "\n"
+    save_result(out, result, "\n".join(lines) + "\n")
+
+
+def save_result(out: Path, result: dict[str, Any], text: str) -> None:
+    """result.json and result.md in ``out``; the Markdown also goes to stdout."""
+    from radixpert.benchmarks.report import write_json
+
+    write_json(result, out / "result.json")
     (out / "result.md").write_text(text, encoding="utf-8")
     click.echo(text)
     click.echo(f"wrote {out / 'result.json'} and {out / 'result.md'}", err=True)
