@@ -77,13 +77,13 @@ def _looks_like_scan(path: Path) -> bool:
               help="When the anatomy gate finds no plausible chest anatomy (rotated, inverted, cropped or non-chest "
                    "image): withhold the report, or warn and print it flagged. A mirrored image is always flagged.")
 @click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Scans decoded together in one llama.cpp context (continuous batching): more reports per hour "
-                   "on the same machine, the same text. Reports still come out in input order.")
+              help="Scans decoded together in one llama.cpp context (continuous batching): the same reports, in "
+                   "input order; more per hour where decoding is memory-bound (a GPU), little on a few CPU cores "
+                   "(1.12x at 8 on 2 cores; docs/throughput.md).")
 @click.option("--speculative/--no-speculative", default=False, show_default=True,
-              help="Verify draft tokens from the bundle's n-gram index of training reports, several per step. Off by "
-                   "default: on this llama.cpp CPU build, logits computed for several positions at once differ from "
-                   "one at a time (up to 1.2 logits on the demo's q8_0), so about half the reports change; see "
-                   "docs/throughput.md.")
+              help="Verify draft tokens from the bundle's n-gram index of training reports, several per step. "
+                   "Exact with an f16 LLM file (--quant f16). Off by default: with quantized files the CPU kernels "
+                   "give other logits for several positions at once, and many reports change; docs/throughput.md.")
 @click.option("--kv-memory", type=click.FloatRange(min=1), default=None,
               help="Refuse a --batch whose KV cache would need more than this many MiB [default: 4096].")
 @cli_errors()
