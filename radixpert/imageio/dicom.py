@@ -30,6 +30,9 @@ REFUSED_MODALITIES: dict[str, str] = {
     ),
 }
 
+# Decoding plugins in order of preference (see _decode).
+_PLUGIN_ORDER = ("pylibjpeg", "pydicom", "pyjpegls", "pillow", "gdcm")
+
 _CHEST_WORDS = ("CHEST", "THORA", "TORAX", "TÓRAX", "TORACE", "LUNG", "PECHO", "PULMO")
 
 
@@ -142,6 +145,10 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
                 f"{name}: no decoder installed for {ts.name}; convert the file to an uncompressed or "
                 "JPEG 2000 transfer syntax (or install a plugin for it, e.g. pylibjpeg-libjpeg, GPLv3)"
             )
+        # One plugin, never a fall-through to GDCM after another failed: GDCM aborts the whole process
+        # (an uncaught C++ exception) on corrupt codestreams, so it is used only where it is the only one.
+        plugin = next(p for p in (*_PLUGIN_ORDER, *decoder.available_plugins) if p in decoder.available_plugins)
+        ds.pixel_array_options(decoding_plugin=plugin)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # truncated data, bad codestreams, missing attributes
