@@ -152,7 +152,7 @@ class NodeProcess:
 
     def __init__(self, folder: Path, bundle: str | Path, *, allowed: Sequence[str] = ("ORTHANC", "STORESCU"),
                  extra: str = "", ae_title: str = "RADIXPERT", threads: int = 2, log_format: str = "json",
-                 dicom_port: int | None = None, http_port: int | None = None):
+                 dicom_port: int | None = None, http_port: int | None = None, on_implausible: str = "withhold"):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -167,7 +167,7 @@ class NodeProcess:
             "[dicom]", f'ae_title = "{ae_title}"', f'host = "{LOOPBACK}"', f"port = {self.dicom_port}",
             f"allowed_calling_aes = {json.dumps(list(allowed))}",
             "[queue]", f'spool = "{self.folder / "spool"}"',
-            "[model]", f'bundle = "{bundle}"', f"threads = {threads}",
+            "[model]", f'bundle = "{bundle}"', f"threads = {threads}", f'on_implausible = "{on_implausible}"',
             "[http]", f'host = "{LOOPBACK}"', f"port = {self.http_port}", "refresh_s = 5",
             "[logging]", f'format = "{log_format}"', extra]), encoding="utf-8")
 
