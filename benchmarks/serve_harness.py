@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -242,6 +243,39 @@ class NodeProcess:
         return self
 
 
+# A storescu profile that proposes each transfer syntax of a radiograph in its own presentation context,
+# so that compressed files (RLE, JPEG 2000, JPEG lossless) are sent as they are, without transcoding.
+_STORESCU_PROFILE = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LittleEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[RLE]
+TransferSyntax1 = RLELossless
+[J2KLossless]
+TransferSyntax1 = JPEG2000LosslessOnly
+[J2K]
+TransferSyntax1 = JPEG2000
+[JPEGLossless]
+TransferSyntax1 = JPEGLossless:Non-hierarchical-1stOrderPrediction
+[[PresentationContexts]]
+[Radiographs]
+{contexts}
+[[Profiles]]
+[Radiographs]
+PresentationContexts = Radiographs
+"""
+
+
+def storescu_profile(folder: Path) -> list[str]:
+    """storescu options that load the radiograph profile (written into ``folder``)."""
+    contexts = [f"PresentationContext{i + 1} = {sop}\\{ts}" for i, (sop, ts) in enumerate(
+        (sop, ts) for sop in ("ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation")
+        for ts in ("Uncompressed", "RLE", "J2KLossless", "J2K", "JPEGLossless"))]
+    path = Path(folder) / "storescu.cfg"
+    path.write_text(_STORESCU_PROFILE.format(contexts="\n".join(contexts)), encoding="utf-8")
+    return ["-xf", str(path), "Radiographs"]
+
+
 def storescu(files: Sequence[str | Path], port: int, called: str = "RADIXPERT", calling: str = "STORESCU",
              parallel: int = 1, rounds: int = 20, timeout: float = 600.0) -> dict[str, Any]:
     """Send ``files`` over ``parallel`` dcmtk storescu associations, resending any refused until all are stored.
@@ -254,11 +288,12 @@ def storescu(files: Sequence[str | Path], port: int, called: str = "RADIXPERT", 
     if tool is None:
         raise FileNotFoundError("dcmtk's storescu is not installed (apt-get install dcmtk)")
     pending = [str(f) for f in files]
+    profile = storescu_profile(Path(tempfile.mkdtemp(prefix="radixpert-storescu-")))
     started = time.monotonic()
     refused = 0
     for round_ in range(1, rounds + 1):
         shares = [pending[i::parallel] for i in range(parallel) if pending[i::parallel]]
-        procs = [(share, subprocess.Popen([tool, "-to", "30", "-ta", "30", "-td", "60", "-aec", called, "-aet", calling,
+        procs = [(share, subprocess.Popen([tool, *profile, "-to", "30", "-ta", "30", "-td", "60", "-aec", called, "-aet", calling,
                                            LOOPBACK, str(port), *share], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT)) for share in shares]
         pending = []
