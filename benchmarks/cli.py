@@ -538,5 +538,10 @@ def _finish(ctx: dict[str, Any], result: dict[str, Any], bars: dict[str, Any]) -
     console.print(f"wrote {out / 'result.json'}, {out / 'result.md'}" + (f", {chart}" if chart else " (no matplotlib: no chart)"))
 
 
+from radixpert.benchmarks.serve import serve as _serve  # noqa: E402  (the DICOM node; benchmarks/serve.py)
+
+main.add_command(_serve)
+
+
 if __name__ == "__main__":
     main()
