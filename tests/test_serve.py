@@ -89,6 +89,40 @@ def test_check_config_lists_remote_aes_and_refuses_off_loopback_without_token(tm
     assert missing.returncode == 4 and "Traceback" not in missing.stderr
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_configuration_and_systemd_unit_are_valid(tmp_path):
+    """The shipped serve.toml passes check-config (only the site paths overridden); the unit runs it."""
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text("{}")
+    example = ROOT / "examples" / "serve" / "serve.toml"
+    done = cli("check-config", "--config", str(example), "--bundle", str(tmp_path / "bundle"),
+               "--spool", str(tmp_path / "spool"))
+    assert done.returncode == 0, done.stderr
+    assert "ORTHANC" in done.stdout and "1 routing rule" in done.stdout
+    unit = (ROOT / "examples" / "serve" / "radixpert-serve.service").read_text()
+    for line in ("ExecStartPre=/opt/radixpert/venv/bin/radixpert-serve check-config --config /etc/radixpert/serve.toml",
+                 "ExecStart=/opt/radixpert/venv/bin/radixpert-serve --config /etc/radixpert/serve.toml",
+                 "KillSignal=SIGTERM", "UMask=0077", "[Install]"):
+        assert line in unit
+
+
+def test_docs_reference_every_configuration_key():
+    """docs/serve.md's table names every key the loader accepts, so the reference cannot fall behind."""
+    import dataclasses
+
+    from radixpert.serve import config as c
+
+    docs = (ROOT / "docs" / "serve.md").read_text()
+    for section, kind in c._SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            assert f"`{section}.{f.name}`" in docs or f"`{section}.{f.name}`," in docs, f"{section}.{f.name}"
+    for kind in (c.RoutingRule, c.Destination):
+        for f in dataclasses.fields(kind):
+            assert f"`{f.name}`" in docs, f.name
+
+
 def test_help_documents_the_node():
     done = cli("--help")
     assert done.returncode == 0
