@@ -1,0 +1,1 @@
+"""Archive scale: ``radixpert-batch`` runs a bundle over many scans on Ray Data (extra ``[scale]``)."""

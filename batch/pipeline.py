@@ -1,0 +1,317 @@
+"""The archive run on Ray Data: CPU tasks key the inputs, a pool of actors writes the reports.
+
+Each actor loads the bundle once (its ``bundle_id`` checked on its own node) and reports each
+block of inputs with :meth:`radixpert.runtime.pipeline.Reporter.report_many`: ``batch`` scans
+decoded together (continuous batching), the same tokens as ``radixpert-run`` one at a time, one
+row per input in input order; a refused scan becomes an error row, never a failed job. The blocks of
+rows stream back to the driver, which writes them (:mod:`radixpert.batch.output`).
+
+Ray is started locally (loopback only, no dashboard, no usage statistics) unless an address is
+given. Actors lost with their node are restarted by Ray and their calls retried; the driver keeps
+one row per input whatever is retried.
+"""
+
+from __future__ import annotations
+
+import math
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError, first_line
+from radixpert.batch.output import table, to_json
+
+EXIT_CLUSTER = 7
+
+
+class ClusterError(RadixpertError):
+    """Ray could not be reached, or the cluster failed the run (rows written so far are kept)."""
+
+    exit_code = EXIT_CLUSTER
+    code = "cluster"
+
+
+@dataclass
+class Settings:
+    """What every actor needs to load the bundle and write rows (plain data: it is sent to each node)."""
+
+    bundle: str
+    bundle_id: str
+    quant: str
+    run_id: str
+    frontend: str = "fp32"
+    threads: int | None = None
+    gpu_layers: int | None = None
+    providers: list[str] | None = None
+    max_new_tokens: int | None = None
+    batch: int = 4
+    verify: bool = False
+    redact: bool = False
+    policy: dict[str, str] = field(default_factory=lambda: {"conflict": "warn", "implausible": "withhold"})
+
+
+@dataclass
+class Pool:
+    """The actor pool: how many actors and what each one reserves."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    rows_per_call: int
+
+
+# --- Ray -------------------------------------------------------------------------------------
+
+def connect(address: str | None, num_cpus: int | None = None) -> dict[str, float]:
+    """Join the cluster at ``address`` (``auto``, ``ray://host:port``, ``host:port``), or start a local
+    Ray on loopback; returns the cluster's resources. Usage statistics and the dashboard stay off."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if address:
+        reachable(address)
+    import ray
+
+    quiet = {"logging_level": "warning", "log_to_driver": True}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise ClusterError(f"could not start or reach {where} ({first_line(exc, 200)}); for an existing cluster "
+                           "run `ray start --head` there first, or leave out --address") from None
+    configure_data()
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse at once an address nothing listens on (Ray itself would retry for minutes)."""
+    if address == "auto":
+        return
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address} is not auto, ray://host:port or host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterError(f"no Ray cluster answers at {address} ({exc.strerror or exc.__class__.__name__}); "
+                           "check the address, or run `ray start --head` there first") from None
+
+
+def configure_data(progress: bool = True) -> None:
+    """Ray Data settings of this run: its progress bars on stderr, or none."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = progress
+    context.print_on_execution_start = False
+    if not progress:  # Ray Data logs each execution at INFO: only warnings then
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def default_pool(resources: dict[str, float], actors: int | None, cpus: float | None, gpus: float | None,
+                 rows_per_call: int) -> Pool:
+    """One actor per GPU where the cluster has GPUs; otherwise one per ``cpus`` (default 2) CPUs."""
+    have_gpus = resources.get("GPU", 0.0)
+    if gpus is None:
+        gpus = 1.0 if have_gpus >= 1 else 0.0
+    if cpus is None:
+        cpus = 1.0 if gpus else 2.0
+    if actors is None:
+        if gpus:
+            actors = max(1, int(have_gpus // gpus))
+        else:
+            actors = max(1, int(resources.get("CPU", 1.0) // max(cpus, 1e-9)))
+    return Pool(actors=actors, cpus=cpus, gpus=gpus, rows_per_call=rows_per_call)
+
+
+def _key_block(block: pa.Table) -> pa.Table:
+    """CPU task: each input's resume key (header or bytes only; no pixels are decoded)."""
+    from radixpert.batch.inputs import input_key
+
+    keys = [input_key(path) for path in block.column("path").to_pylist()]
+    return block.append_column("key", pa.array(keys, pa.string()))
+
+
+def key_inputs(paths: list[str], block_rows: int = 256) -> list[str]:
+    """The key of every path, computed in Ray CPU tasks, in input order."""
+    import ray.data
+
+    if not paths:
+        return []
+    items = [{"index": i, "path": p} for i, p in enumerate(paths)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / block_rows)))
+    keys: list[str | None] = [None] * len(paths)
+    for block in ds.map_batches(_key_block, batch_format="pyarrow", batch_size=None, num_cpus=0.5).iter_batches(
+            batch_size=None, batch_format="pyarrow"):
+        for index, key in zip(block.column("index").to_pylist(), block.column("key").to_pylist()):
+            keys[index] = key
+    return [k or "" for k in keys]
+
+
+# --- the actors --------------------------------------------------------------------------------
+
+class ReportActor:
+    """One loaded bundle; called with blocks of inputs, returns one row per input."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from radixpert.bundle import load_bundle
+        from radixpert.errors import ModelError
+        from radixpert.runtime.pipeline import Reporter
+
+        self.settings = Settings(**settings)
+        bundle = load_bundle(self.settings.bundle, verify=self.settings.verify)
+        if bundle.bundle_id != self.settings.bundle_id:
+            raise ModelError(f"the bundle at {self.settings.bundle} on this node is {bundle.bundle_id}, not "
+                             f"{self.settings.bundle_id}; copy the same bundle to every node")
+        s = self.settings
+        self.reporter = Reporter(bundle, providers=s.providers, threads=s.threads, quant=s.quant,
+                                 gpu_layers=s.gpu_layers, max_new_tokens=s.max_new_tokens, frontend_variant=s.frontend,
+                                 batch=s.batch)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        columns = [block.column(c).to_pylist() for c in ("index", "path", "key", "input")]
+        results = report_all(self.reporter, columns[1])
+        return table([report_row(self.reporter, self.settings, index, path, key, shown, result)
+                      for (index, path, key, shown), result in zip(zip(*columns), results)])
+
+
+def report_all(reporter: Any, paths: list[str]) -> list[Any]:
+    """One result per path, in order: a ScanReport, or the exception that refused or failed the scan.
+
+    The paths are decoded together (``Reporter.report_many``). Should that fail on something other
+    than a refused scan, the scans it had not yet returned are reported again one at a time, so the
+    error stays with the scan that caused it and the other rows are still written.
+    """
+    results: list[Any] = []
+    try:
+        for result in reporter.report_many(paths):
+            results.append(result)
+    except Exception:  # noqa: BLE001 - retried one by one below, each keeping its own error
+        for path in paths[len(results):]:
+            try:
+                results.append(reporter.report(path))
+            except Exception as exc:  # noqa: BLE001 - becomes this input's error row
+                results.append(exc)
+    return results
+
+
+def report_row(reporter: Any, settings: Settings, index: int, path: str, key: str, shown: str,
+               result: Any) -> dict[str, Any]:
+    """The row of one input: its report and checks, or the one-line reason it was refused."""
+    from radixpert.errors import InputError
+    from radixpert.runtime.cli import rounded, withheld_because
+    from radixpert.runtime.outputs import safe_uid, scrub
+
+    row: dict[str, Any] = {"key": key, "input": shown, "index": index, "bundle_id": settings.bundle_id,
+                           "quant": reporter.quant, "frontend": settings.frontend, "run_id": settings.run_id}
+    if isinstance(result, InputError):
+        return {**row, "status": "refused", "error_code": result.code, "error": scrub(str(result), path, f"input {key}")}
+    if isinstance(result, BaseException):  # a bug: the class only (library messages can quote file names or DICOM values)
+        return {**row, "status": "failed", "error_code": "internal",
+                "error": f"internal error: {result.__class__.__name__} (exit {EXIT_INTERNAL}); please report it"}
+    checked = result.checked
+    withheld = withheld_because(checked, settings.policy)
+    timings = rounded(result.timings)
+    return {**row, "status": "withheld" if withheld else "reported", "sop_instance_uid": safe_uid(result.sop_instance_uid),
+            "report": None if withheld else result.report, "tokens": None if withheld else list(result.tokens),
+            "stopped": result.stopped, "findings": None if withheld else to_json(checked.findings),
+            "checks": to_json(checked.checks), "gate": to_json(checked.gate), "gate_verdict": checked.gate["verdict"],
+            "evidence": to_json(checked.evidence), "flags": list(checked.flags), "withheld": withheld,
+            "warnings": [scrub(w, path, f"input {key}") for w in result.warnings],
+            "timings": to_json(timings), "total_ms": float(timings.get("total_ms", 0.0))}
+
+
+def report_blocks(items: list[dict[str, Any]], settings: Settings, pool: Pool) -> Iterator[pa.Table]:
+    """Blocks of rows for ``items`` (dicts with index, path, key, input) as the actors finish them."""
+    import ray.data
+
+    if not items:
+        return
+    blocks = max(1, math.ceil(len(items) / pool.rows_per_call))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    remote: dict[str, Any] = {"num_cpus": pool.cpus}
+    if pool.gpus:
+        remote["num_gpus"] = pool.gpus
+    reports = ds.map_batches(ReportActor, fn_constructor_kwargs={"settings": asdict(settings)},
+                             batch_size=pool.rows_per_call, batch_format="pyarrow",
+                             compute=ray.data.ActorPoolStrategy(size=pool.actors), **remote)
+    try:
+        yield from reports.iter_batches(batch_size=None, batch_format="pyarrow")
+    except RadixpertError:
+        raise
+    except Exception as exc:
+        raise ClusterError(f"the cluster failed the run: {cluster_reason(exc)}; rows written so far are kept, "
+                           "run the same command again to resume") from None
+
+
+def cluster_reason(exc: BaseException) -> str:
+    """A one-line reason from a Ray error, preferring a radixpert error raised inside an actor."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, RadixpertError):
+            return first_line(cause, 300)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    return first_line(exc, 300)
+
+
+@dataclass
+class Progress:
+    """Counts of this run, for progress lines and the summary."""
+
+    total: int
+    skipped: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"reported": 0, "withheld": 0, "refused": 0, "failed": 0})
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def per_hour(self) -> float:
+        return self.done / self.elapsed_s * 3600 if self.elapsed_s > 0 else 0.0
+
+    def add(self, statuses: list[str]) -> None:
+        for status in statuses:
+            self.counts[status] = self.counts.get(status, 0) + 1
+
+
+def stream_rows(blocks: Iterator[pa.Table], write: Callable[[pa.Table], Any], progress: Progress,
+                expected: set[int], notify: Callable[[Progress], None]) -> None:
+    """Write each block, keeping only the first row for each input index (retries never duplicate a row)."""
+    for block in blocks:
+        indices = block.column("index").to_pylist()
+        keep = []
+        for i, index in enumerate(indices):
+            if index in expected:
+                expected.discard(index)
+                keep.append(i)
+        if len(keep) < len(indices):
+            block = block.take(pa.array(keep, pa.int64()))
+        if block.num_rows:
+            write(block)
+            progress.add(block.column("status").to_pylist())
+            notify(progress)
+    if expected:
+        raise ClusterError(f"the cluster returned no row for {len(expected)} input(s); run the same command again "
+                           "to process them")
