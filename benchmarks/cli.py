@@ -542,6 +542,10 @@ from radixpert.benchmarks.serve import serve as _serve  # noqa: E402  (the DICOM
 
 main.add_command(_serve)
 
+from radixpert.benchmarks.batch import batch as _batch  # noqa: E402  (radixpert-batch, 1 vs N actors; benchmarks/batch.py)
+
+main.add_command(_batch)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,146 @@
+"""``radixpert-bench batch``: reports per hour of ``radixpert-batch`` with 1 actor and with N actors.
+
+Each setting is a fresh ``radixpert-batch`` process with its own local Ray on loopback and a fresh
+output folder, on the same inputs and the same CPUs: ``--cpus`` CPUs shared out between the actors
+(1 actor of C CPUs, 2 of C/2, ...), each actor with as many threads as its CPUs. Per setting: the
+wall time of the reporting phase (actor start and bundle load included) as ``radixpert-batch``
+prints it, reports/hour, the ratio to 1 actor, the whole command's wall time (Ray start included),
+and how many reports and token ids are identical to the 1-actor run's.
+
+Benchmarks report; they set no pass mark.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from radixpert.errors import UsageError, cli_errors
+
+DONE = re.compile(r"done: (\d+) input\(s\) in ([0-9.]+) s: (\d+) reported, (\d+) withheld, (\d+) refused")
+
+
+def inputs_of(data: str | None, count: int) -> list[str]:
+    """The first ``count`` inputs of ``data`` (folder, glob or CSV manifest), or ``count`` phantoms of seed 7."""
+    from radixpert.batch.inputs import collect_inputs
+
+    if data is None:
+        from radixpert.benchmarks.cli import throughput_scans
+
+        return throughput_scans(count)
+    manifests = (data,) if data.endswith(".csv") else ()
+    paths, _ = collect_inputs(() if manifests else (data,), manifests)
+    if not paths:
+        raise UsageError(f"--data {data} holds no DICOM or PNG file")
+    return sorted(str(Path(p).resolve()) for p in paths)[:count]
+
+
+def run_setting(bundle: str, paths: list[str], actors: int, cpus: int, batch: int, quant: str | None,
+                work: Path) -> dict[str, Any]:
+    """One ``radixpert-batch`` run: its timings, counts and rows (report and token ids by input)."""
+    from radixpert.batch.output import read_rows
+
+    out = work / f"out-{actors}"
+    per_actor = cpus / actors
+    command = [sys.executable, "-m", "radixpert.batch.cli", "--out", str(out), "--bundle", bundle,
+               "--local-cpus", str(cpus), "--actors", str(actors), "--cpus-per-actor", f"{per_actor:g}",
+               "--threads", str(max(1, int(per_actor))), "--batch", str(batch), "--rows-per-file", "4",
+               "--no-progress", *(["--quant", quant] if quant else []), *paths]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=7200, env=env)
+    wall = time.perf_counter() - started
+    found = DONE.search(done.stderr)
+    if done.returncode not in (0, 3, 6) or found is None:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise UsageError(f"radixpert-batch with {actors} actor(s) failed (exit {done.returncode}): {tail[0]}")
+    n, seconds = int(found.group(1)), float(found.group(2))
+    table = read_rows(out, ["input", "report", "tokens", "status"]).to_pylist()
+    return {"actors": actors, "cpus_per_actor": per_actor, "threads_per_actor": max(1, int(per_actor)),
+            "batch": batch, "inputs": n, "reported": int(found.group(3)), "withheld": int(found.group(4)),
+            "refused": int(found.group(5)), "exit_code": done.returncode, "report_s": round(seconds, 2),
+            "reports_per_hour": round(n / seconds * 3600, 1) if seconds else None, "wall_s": round(wall, 2),
+            "rows": len(table), "_rows": {r["input"]: (r["report"], r["tokens"]) for r in table}}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# radixpert-bench batch: {result['title']}", "", f"`{result['command']}`", "",
+             f"{result['inputs']} inputs; each setting a fresh radixpert-batch process with its own local Ray "
+             f"({result['cpus']} CPUs shared out between the actors), Ray {result['ray']}. Reporting time includes "
+             "actor start and bundle load; wall time adds Ray's start. Ratios are to 1 actor of this invocation.",
+             "", "| actors | CPUs / threads per actor | batch | reports/hour | × 1 actor | reporting s | wall s | rows "
+             "| identical to 1 actor |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['actors']} | {row['cpus_per_actor']:g} / {row['threads_per_actor']} | {row['batch']} | "
+                     f"{row['reports_per_hour']:.0f} | {row['ratio']:.2f}× | {row['report_s']:.1f} | {row['wall_s']:.1f} | "
+                     f"{row['rows']} | {row['identical']}/{row['rows']} |")
+    lines += ["", f"Machine: {result['machine']}", ""]
+    return "\n".join(lines)
+
+
+@click.command("batch")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--data", default=None, help="Inputs: a folder, a quoted glob or a CSV manifest [default: phantom DICOMs "
+                                           "of seed 7, made once under $RADIXPERT_CACHE].")
+@click.option("--scans", "count", type=click.IntRange(1, 100000), default=24, show_default=True,
+              help="How many inputs (the first ones of --data, sorted).")
+@click.option("--actors", "actor_counts", default="1,2", show_default=True, help="Actor counts to compare, comma-separated.")
+@click.option("--cpus", type=click.IntRange(1, 4096), default=None,
+              help="CPUs of the local Ray, shared out between the actors [default: usable CPUs].")
+@click.option("--batch", type=click.IntRange(1, 64), default=4, show_default=True, help="radixpert-batch --batch.")
+@click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for result.json and result.md [default: bench-results/batch-<bundle name>].")
+@cli_errors()
+def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus: int | None, batch: int,
+          quant: str | None, out_dir: str | None) -> None:
+    """Reports per hour of radixpert-batch with 1 actor and with more, on the same inputs and CPUs.
+
+    Each setting runs in a fresh process with a fresh local Ray. Per setting: reports/hour and the
+    ratio to 1 actor, the reporting and wall times, and how many reports (text and token ids)
+    are identical to the 1-actor run's.
+    """
+    import ray
+
+    from radixpert.benchmarks.cli import save_result
+    from radixpert.benchmarks.report import command_line, machine_info
+    from radixpert.bundle import load_bundle
+
+    counts = sorted({int(a) for a in actor_counts.split(",") if a.strip()})
+    if not counts or counts[0] < 1:
+        raise UsageError(f"--actors takes a comma list of positive counts, got {actor_counts!r}")
+    if counts[0] != 1:
+        counts.insert(0, 1)  # the baseline
+    cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if cpus < counts[-1]:
+        raise UsageError(f"{counts[-1]} actors need at least {counts[-1]} CPUs; --cpus is {cpus}")
+    bundle = load_bundle(bundle_dir)
+    root = str(Path(bundle_dir).resolve())
+    paths = inputs_of(data, count)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-batch-") as work:
+        for actors in counts:
+            click.echo(f"{actors} actor(s) on {len(paths)} input(s)...", err=True)
+            rows.append(run_setting(root, paths, actors, cpus, batch, quant, Path(work)))
+    base = rows[0]
+    for row in rows:
+        row["ratio"] = round(row["reports_per_hour"] / base["reports_per_hour"], 3)
+        row["identical"] = sum(1 for k, v in row["_rows"].items() if base["_rows"].get(k) == v)
+    for row in rows:
+        del row["_rows"]
+    name = f"batch-{Path(bundle_dir).name}"
+    out = Path(out_dir) if out_dir else Path("bench-results") / name
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": command_line(), "title": f"{Path(bundle_dir).name} "
+                                                  f"({quant or bundle.manifest['llm']['default_quant']})",
+              "inputs": len(paths), "data": data, "cpus": cpus, "ray": ray.__version__, "rows": rows,
+              "machine": machine_info(cpus)}
+    save_result(out, result, markdown(result))
