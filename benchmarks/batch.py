@@ -71,17 +71,27 @@ def run_setting(bundle: str, paths: list[str], actors: int, cpus: int, batch: in
             "rows": len(table), "_rows": {r["input"]: (r["report"], r["tokens"]) for r in table}}
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median reports/hour (the lower middle one for an even count), with every round's value."""
+    ordered = sorted(runs, key=lambda r: r["reports_per_hour"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds_reports_per_hour"] = [r["reports_per_hour"] for r in runs]
+    return chosen
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# radixpert-bench batch: {result['title']}", "", f"`{result['command']}`", "",
              f"{result['inputs']} inputs; each setting a fresh radixpert-batch process with its own local Ray "
              f"({result['cpus']} CPUs shared out between the actors), Ray {result['ray']}. Reporting time includes "
-             "actor start and bundle load; wall time adds Ray's start. Ratios are to 1 actor of this invocation.",
-             "", "| actors | CPUs / threads per actor | batch | reports/hour | × 1 actor | reporting s | wall s | rows "
-             "| identical to 1 actor |", "|---|---|---|---|---|---|---|---|---|"]
+             "actor start and bundle load; wall time adds Ray's start. Ratios are to 1 actor of this invocation; "
+             f"{result['rounds']} round(s), interleaved, the median shown.",
+             "", "| actors | CPUs / threads per actor | batch | reports/hour (median) | × 1 actor | each round | "
+             "reporting s | wall s | rows | identical to 1 actor |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
+        each = ", ".join(f"{v:.0f}" for v in row["rounds_reports_per_hour"])
         lines.append(f"| {row['actors']} | {row['cpus_per_actor']:g} / {row['threads_per_actor']} | {row['batch']} | "
-                     f"{row['reports_per_hour']:.0f} | {row['ratio']:.2f}× | {row['report_s']:.1f} | {row['wall_s']:.1f} | "
-                     f"{row['rows']} | {row['identical']}/{row['rows']} |")
+                     f"{row['reports_per_hour']:.0f} | {row['ratio']:.2f}× | {each} | {row['report_s']:.1f} | "
+                     f"{row['wall_s']:.1f} | {row['rows']} | {row['identical']}/{row['rows']} |")
     lines += ["", f"Machine: {result['machine']}", ""]
     return "\n".join(lines)
 
@@ -96,12 +106,14 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--cpus", type=click.IntRange(1, 4096), default=None,
               help="CPUs of the local Ray, shared out between the actors [default: usable CPUs].")
 @click.option("--batch", type=click.IntRange(1, 64), default=4, show_default=True, help="radixpert-batch --batch.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Rounds of every setting, interleaved (1, 2, 1, 2 ...); the table shows each setting's median.")
 @click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for result.json and result.md [default: bench-results/batch-<bundle name>].")
 @cli_errors()
 def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus: int | None, batch: int,
-          quant: str | None, out_dir: str | None) -> None:
+          rounds: int, quant: str | None, out_dir: str | None) -> None:
     """Reports per hour of radixpert-batch with 1 actor and with more, on the same inputs and CPUs.
 
     Each setting runs in a fresh process with a fresh local Ray. Per setting: reports/hour and the
@@ -125,11 +137,13 @@ def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus
     bundle = load_bundle(bundle_dir)
     root = str(Path(bundle_dir).resolve())
     paths = inputs_of(data, count)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-batch-") as work:
+    runs: dict[int, list[dict[str, Any]]] = {a: [] for a in counts}
+    for round_ in range(rounds):
         for actors in counts:
-            click.echo(f"{actors} actor(s) on {len(paths)} input(s)...", err=True)
-            rows.append(run_setting(root, paths, actors, cpus, batch, quant, Path(work)))
+            click.echo(f"round {round_ + 1}/{rounds}: {actors} actor(s) on {len(paths)} input(s)...", err=True)
+            with tempfile.TemporaryDirectory(prefix="bench-batch-") as work:
+                runs[actors].append(run_setting(root, paths, actors, cpus, batch, quant, Path(work)))
+    rows = [median_run(runs[a]) for a in counts]
     base = rows[0]
     for row in rows:
         row["ratio"] = round(row["reports_per_hour"] / base["reports_per_hour"], 3)
@@ -141,6 +155,6 @@ def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command_line(), "title": f"{Path(bundle_dir).name} "
                                                   f"({quant or bundle.manifest['llm']['default_quant']})",
-              "inputs": len(paths), "data": data, "cpus": cpus, "ray": ray.__version__, "rows": rows,
+              "inputs": len(paths), "data": data, "cpus": cpus, "rounds": rounds, "ray": ray.__version__, "rows": rows,
               "machine": machine_info(cpus)}
     save_result(out, result, markdown(result))
