@@ -30,7 +30,7 @@ SCHEMA = pa.schema([
     ("key", pa.string()),              # uid:<SOP Instance UID> or sha256:<16 hex> (resume key)
     ("input", pa.string()),            # the path, or with --redact the file's sha256 pseudonym
     ("index", pa.int64()),             # place in this run's input list
-    ("status", pa.string()),           # reported | withheld | refused
+    ("status", pa.string()),           # reported | withheld | refused | failed (internal error)
     ("sop_instance_uid", pa.string()),
     ("report", pa.string()),           # null when withheld or refused
     ("tokens", pa.list_(pa.int32())),  # the LLM's token ids (the report before detokenizing)

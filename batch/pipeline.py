@@ -14,9 +14,12 @@ one row per input whatever is retried.
 from __future__ import annotations
 
 import math
+import contextlib
 import logging
 import os
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from radixpert.errors import EXIT_INTERNAL, RadixpertError, UsageError, first_line
+from radixpert.errors import DEBUG_ENV, EXIT_INTERNAL, RadixpertError, UsageError, first_line
 from radixpert.batch.output import table, to_json
 
 EXIT_CLUSTER = 7
@@ -79,15 +82,53 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, float
     quiet = {"logging_level": "warning", "log_to_driver": True}
     try:
         if address:
-            ray.init(address=address, **quiet)
+            with held_stderr():  # Ray's core logs each failed attempt to connect on stderr
+                ray.init(address=address, **quiet)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
+        if token_refused(exc):
+            raise ClusterError(f"{where} refused this machine's token: it uses token authentication; set "
+                               "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token) to its token") from None
         raise ClusterError(f"could not start or reach {where} ({first_line(exc, 200)}); for an existing cluster "
                            "run `ray start --head` there first, or leave out --address") from None
     configure_data()
     return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def token_refused(exc: BaseException) -> bool:
+    """Whether Ray failed to connect because the cluster refused this machine's authentication token."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if type(cause).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+@contextlib.contextmanager
+def held_stderr() -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 (by Python or by native code); show it only on success,
+    so that a failure is the one line of its ClusterError (all of it with RADIXPERT_DEBUG=1)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed or os.environ.get(DEBUG_ENV):
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def reachable(address: str, timeout_s: float = 10.0) -> None:

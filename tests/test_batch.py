@@ -319,6 +319,17 @@ def test_usage_errors_are_one_line(tmp_path, bundle):
         assert done.stdout == ""
 
 
+def test_a_wrong_cluster_token_is_one_line_exit_7(cluster, bundle, tmp_path):
+    bundle_dir, _ = bundle
+    env = {**cluster.env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    done = subprocess.run([*BATCH, "--out", str(tmp_path / "out"), "--bundle", str(bundle_dir), "--address",
+                           cluster.address, str(Path(__file__))], capture_output=True, text=True, timeout=180, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 7, done.stderr[-2000:]
+    assert "token authentication" in lines[-1] and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert cluster.env["RAY_AUTH_TOKEN"] not in done.stderr + done.stdout
+
+
 def test_a_node_lost_mid_run_still_gives_one_row_per_input(cluster, bundle, phantoms, tmp_path):
     """The worker node's raylet is killed once rows are coming in: Ray Data retries the lost calls on
     the head node, and the dataset has exactly one row per input. Runs last: it replaces the lost node."""
