@@ -12,8 +12,10 @@ Benchmarks report; they set no pass mark.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,9 @@ import click
 
 from radixpert.errors import UsageError, cli_errors
 
+# Per-scan stages from the rows' timings (ms): DICOM read and decode, frontend (its share of a batched call),
+# the LLM's visual prefill and decode, and the whole scan inside the actor.
+STAGES = ("read_ms", "preprocess_ms", "frontend_ms", "visual_prefill_ms", "decode_ms", "total_ms")
 DONE = re.compile(r"done: (\d+) input\(s\) in ([0-9.]+) s: (\d+) reported, (\d+) withheld, (\d+) refused")
 
 
@@ -63,12 +68,15 @@ def run_setting(bundle: str, paths: list[str], actors: int, cpus: int, batch: in
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise UsageError(f"radixpert-batch with {actors} actor(s) failed (exit {done.returncode}): {tail[0]}")
     n, seconds = int(found.group(1)), float(found.group(2))
-    table = read_rows(out, ["input", "report", "tokens", "status"]).to_pylist()
+    table = read_rows(out, ["input", "report", "tokens", "status", "timings"]).to_pylist()
+    stages = [json.loads(r["timings"]) for r in table if r["timings"]]
     return {"actors": actors, "cpus_per_actor": per_actor, "threads_per_actor": max(1, int(per_actor)),
             "batch": batch, "inputs": n, "reported": int(found.group(3)), "withheld": int(found.group(4)),
             "refused": int(found.group(5)), "exit_code": done.returncode, "report_s": round(seconds, 2),
             "reports_per_hour": round(n / seconds * 3600, 1) if seconds else None, "wall_s": round(wall, 2),
-            "rows": len(table), "_rows": {r["input"]: (r["report"], r["tokens"]) for r in table}}
+            "rows": len(table), "median_ms": {k: round(statistics.median(t.get(k, 0.0) for t in stages), 1)
+                                              for k in STAGES} if stages else {},
+            "_rows": {r["input"]: (r["report"], r["tokens"]) for r in table}}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -92,6 +100,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {row['actors']} | {row['cpus_per_actor']:g} / {row['threads_per_actor']} | {row['batch']} | "
                      f"{row['reports_per_hour']:.0f} | {row['ratio']:.2f}× | {each} | {row['report_s']:.1f} | "
                      f"{row['wall_s']:.1f} | {row['rows']} | {row['identical']}/{row['rows']} |")
+    lines += ["", "Median per scan inside the actors, ms (frontend: the whole batched call; the scans of a batch "
+              "wait for one another, so total is more than the sum at batch > 1):", "",
+              "| actors | " + " | ".join(s.removesuffix("_ms") for s in STAGES) + " |",
+              "|---|" + "---|" * len(STAGES)]
+    for row in result["rows"]:
+        lines.append(f"| {row['actors']} | " + " | ".join(f"{row['median_ms'].get(s, 0):.0f}" for s in STAGES) + " |")
     lines += ["", f"Machine: {result['machine']}", ""]
     return "\n".join(lines)
 
