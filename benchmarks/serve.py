@@ -76,13 +76,15 @@ def load(bundle: str, work: Path, files: list[Path], parallel: int, threads: int
         node.start()
         arrivals = _Arrivals(pacs)
         arrivals.start()
-        sent = storescu(files, node.dicom_port, parallel=parallel)
+        sent = storescu(files, node.dicom_port, parallel=parallel, received=node.received_uids)
         node.wait_jobs(len(files), timeout=3600)
         node.wait_delivered(len(files), timeout=600)
         time.sleep(1.0)
         arrivals.stop.set()
         if screenshot is not None:
             _screenshot(node.url + "/", screenshot)
+        received = {m.group(1): int(float(m.group(2))) for m in
+                    re.finditer(r'radixpert_received_total\{outcome="([a-z]+)"\} ([0-9.]+)', node.http("/metrics"))}
         jobs = {j["sop_instance_uid"]: j for j in node.jobs()}
         latency = []
         for source, (sr,) in ((s, v[:1]) for s, v in pacs.sr_sources().items()):
@@ -93,7 +95,7 @@ def load(bundle: str, work: Path, files: list[Path], parallel: int, threads: int
         return {
             "instances": len(files), "parallel_associations": parallel, "max_jobs": max_jobs,
             "storescu_seconds": round(sent["seconds"], 2), "storescu_rounds": sent["rounds"],
-            "refused_out_of_resources": sent["refused"],
+            "c_store_outcomes": received, "refused_out_of_resources": received.get("refused", 0),
             "accepted_per_s": round(len(files) / sent["seconds"], 2),
             "reports_per_s": round(len(files) / (last - first), 3),
             "report_s_median": round(statistics.median(report), 3),

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import requests
 
 ORTHANC = "/usr/sbin/Orthanc"
@@ -196,6 +197,10 @@ class NodeProcess:
     def jobs(self) -> list[dict[str, Any]]:
         return self.http("/api/jobs?limit=10000")["jobs"]
 
+    def received_uids(self) -> set[str]:
+        """SOP Instance UIDs the node holds a job for (what a resend need not repeat)."""
+        return {j["sop_instance_uid"] for j in self.jobs()}
+
     def counts(self) -> dict[str, Any]:
         return self.http("/api/jobs?limit=1")["counts"]
 
@@ -277,37 +282,46 @@ def storescu_profile(folder: Path) -> list[str]:
 
 
 def storescu(files: Sequence[str | Path], port: int, called: str = "RADIXPERT", calling: str = "STORESCU",
-             parallel: int = 1, rounds: int = 20, timeout: float = 600.0) -> dict[str, Any]:
+             parallel: int = 1, timeout: float = 1800.0, received: Callable[[], set[str]] | None = None,
+             pause: float = 2.0) -> dict[str, Any]:
     """Send ``files`` over ``parallel`` dcmtk storescu associations, resending any refused until all are stored.
 
-    Each round gives every process its share of the files still unsent; an instance the node
-    refused (out of resources) fails its process, and the whole share is sent again (the node
-    acknowledges the ones it already has). Returns rounds, seconds and refusals counted.
+    Each round gives every process its share of the files still unsent. storescu runs with
+    ``--no-halt``, so a refusal (0xA700, the node's queue is full) does not stop the rest of its
+    share, and its exit status may then still be 0: with ``received()`` (the SOP Instance UIDs the
+    node holds) the next round resends exactly the files the node does not hold; without it, the
+    shares of the processes that failed. The node acknowledges an instance it already has, so a
+    resend never makes a second job. Rounds go on, ``pause`` seconds
+    apart, until every file is stored or ``timeout`` seconds have passed.
+    Returns the rounds and the seconds it took (the node's /metrics counts the refusals).
     """
     tool = dcmtk("storescu")
     if tool is None:
         raise FileNotFoundError("dcmtk's storescu is not installed (apt-get install dcmtk)")
+    uid = {str(f): str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files} if received else {}
     pending = [str(f) for f in files]
     profile = storescu_profile(Path(tempfile.mkdtemp(prefix="radixpert-storescu-")))
     started = time.monotonic()
-    refused = 0
-    for round_ in range(1, rounds + 1):
+    deadline = started + timeout
+    round_ = 0
+    while time.monotonic() < deadline:
+        round_ += 1
         shares = [pending[i::parallel] for i in range(parallel) if pending[i::parallel]]
-        procs = [(share, subprocess.Popen([tool, *profile, "-to", "30", "-ta", "30", "-td", "60", "-aec", called, "-aet", calling,
-                                           LOOPBACK, str(port), *share], stdout=subprocess.PIPE,
+        procs = [(share, subprocess.Popen([tool, *profile, "-nh", "-to", "30", "-ta", "30", "-td", "60", "-aec", called,
+                                           "-aet", calling, LOOPBACK, str(port), *share], stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT)) for share in shares]
-        pending = []
-        deadline = time.monotonic() + timeout
+        sent, pending = pending, []
         for share, proc in procs:
             out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             if proc.returncode != 0:
-                text = out.decode("utf-8", "replace")
-                refused += text.count("0xa700") + text.count("Out of Resources") + text.count("A700")
                 pending.extend(share)
+        if received is not None:  # with --no-halt storescu can exit 0 after a refusal: ask the node
+            have = received()
+            pending = [f for f in sent if uid[f] not in have]
         if not pending:
-            return {"rounds": round_, "seconds": time.monotonic() - started, "refused": refused}
-        time.sleep(1.0)
-    raise RuntimeError(f"{len(pending)} instances still unsent after {rounds} rounds")
+            return {"rounds": round_, "seconds": time.monotonic() - started}
+        time.sleep(pause)
+    raise RuntimeError(f"{len(pending)} instances still unsent after {round_} rounds ({timeout:.0f} s)")
 
 
 def echoscu(port: int, called: str = "RADIXPERT", calling: str = "STORESCU") -> subprocess.CompletedProcess:

@@ -229,7 +229,7 @@ def test_load_parallel_associations_past_the_queue_bound(bundle, phantoms, tmp_p
     with running(pacs, node):
         pacs.start()
         node.start()
-        sent = storescu(inputs, node.dicom_port, parallel=4)
+        sent = storescu(inputs, node.dicom_port, parallel=4, received=node.received_uids)
         node.wait_jobs(len(inputs), timeout=180, states=("done",))
         node.wait_delivered(len(inputs), timeout=60)
         arrived = pacs.sr_sources()
