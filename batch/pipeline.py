@@ -17,6 +17,7 @@ import math
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, float
         reachable(address)
     import ray
 
-    quiet = {"logging_level": "warning", "log_to_driver": True}
+    quiet = {"logging_level": "warning", "log_to_driver": False}  # actors log to their own nodes
     try:
         if address:
             with held_stderr():  # Ray's core logs each failed attempt to connect on stderr
@@ -304,11 +305,17 @@ def report_blocks(items: list[dict[str, Any]], settings: Settings, pool: Pool) -
 def cluster_reason(exc: BaseException) -> str:
     """A one-line reason from a Ray error, preferring a radixpert error raised inside an actor."""
     cause: BaseException | None = exc
-    while cause is not None:
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
         if isinstance(cause, RadixpertError):
             return first_line(cause, 300)
-        cause = getattr(cause, "cause", None) or cause.__cause__
-    return first_line(exc, 300)
+        # An actor that failed to start carries its error as text: the traceback's last line.
+        quoted = re.findall(r"^radixpert\.errors\.\w+: (.+)$", str(cause), re.MULTILINE)
+        if quoted:
+            return quoted[-1].strip()[:300]
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc, 300))
 
 
 @dataclass

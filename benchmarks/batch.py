@@ -74,6 +74,7 @@ def run_setting(bundle: str, paths: list[str], actors: int, cpus: int, batch: in
             "batch": batch, "inputs": n, "reported": int(found.group(3)), "withheld": int(found.group(4)),
             "refused": int(found.group(5)), "exit_code": done.returncode, "report_s": round(seconds, 2),
             "reports_per_hour": round(n / seconds * 3600, 1) if seconds else None, "wall_s": round(wall, 2),
+            "load_average_after": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "rows": len(table), "median_ms": {k: round(statistics.median(t.get(k, 0.0) for t in stages), 1)
                                               for k in STAGES} if stages else {},
             "_rows": {r["input"]: (r["report"], r["tokens"]) for r in table}}
@@ -84,6 +85,7 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda r: r["reports_per_hour"])
     chosen = dict(ordered[(len(ordered) - 1) // 2])
     chosen["rounds_reports_per_hour"] = [r["reports_per_hour"] for r in runs]
+    chosen["rounds_load_average_after"] = [r["load_average_after"] for r in runs]
     return chosen
 
 
@@ -106,7 +108,9 @@ def markdown(result: dict[str, Any]) -> str:
               "|---|" + "---|" * len(STAGES)]
     for row in result["rows"]:
         lines.append(f"| {row['actors']} | " + " | ".join(f"{row['median_ms'].get(s, 0):.0f}" for s in STAGES) + " |")
-    lines += ["", f"Machine: {result['machine']}", ""]
+    lines += ["", "1-minute load average after each round: " + "; ".join(
+        f"{row['actors']} actor(s): " + ", ".join(str(x[0]) if x else "?" for x in row["rounds_load_average_after"])
+        for row in result["rows"]) + f" (on {result['cpus']} CPUs).", "", f"Machine: {result['machine']}", ""]
     return "\n".join(lines)
 
 
