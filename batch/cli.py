@@ -28,7 +28,7 @@ EXIT_INTERRUPTED = 130
               help="CSV of inputs: PadChest format, or a path/DicomPath column relative to the CSV. Repeatable.")
 @click.option("--address", default=None,
               help="Ray cluster to run on: auto (the cluster this machine belongs to), ray://host:10001 (Ray Client) "
-                   "or host:6379 [default: start a local Ray on 127.0.0.1 for this run].")
+                   "or host:6379 [default: start a local Ray for this run].")
 @click.option("--actors", type=click.IntRange(1, 4096), default=None,
               help="Report actors, each with one loaded bundle [default: one per GPU, else one per --cpus-per-actor "
                    "CPUs of the cluster].")

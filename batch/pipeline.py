@@ -6,7 +6,7 @@ decoded together (continuous batching), the same tokens as ``radixpert-run`` one
 row per input in input order; a refused scan becomes an error row, never a failed job. The blocks of
 rows stream back to the driver, which writes them (:mod:`radixpert.batch.output`).
 
-Ray is started locally (loopback only, no dashboard, no usage statistics) unless an address is
+Ray is started locally (no dashboard, no usage statistics, token authentication) unless an address is
 given. Actors lost with their node are restarted by Ray and their calls retried; the driver keeps
 one row per input whatever is retried.
 """
@@ -74,7 +74,7 @@ class Pool:
 
 def connect(address: str | None, num_cpus: int | None = None) -> dict[str, float]:
     """Join the cluster at ``address`` (``auto``, ``ray://host:port``, ``host:port``), or start a local
-    Ray on loopback; returns the cluster's resources. Usage statistics and the dashboard stay off."""
+    Ray; returns the cluster's resources. Usage statistics and the dashboard stay off."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if address:
         reachable(address)
@@ -86,7 +86,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> dict[str, float
             with held_stderr():  # Ray's core logs each failed attempt to connect on stderr
                 ray.init(address=address, **quiet)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+            # Ray listens on every interface and replaces a loopback node address with a reachable one
+            # whatever is asked; Ray 2.60's token authentication (on for a new local cluster) guards it.
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         if token_refused(exc):

@@ -5,7 +5,10 @@ output folder, on the same inputs and the same CPUs: ``--cpus`` CPUs shared out 
 (1 actor of C CPUs, 2 of C/2, ...), each actor with as many threads as its CPUs. Per setting: the
 wall time of the reporting phase (actor start and bundle load included) as ``radixpert-batch``
 prints it, reports/hour, the ratio to 1 actor, the whole command's wall time (Ray start included),
-and how many reports and token ids are identical to the 1-actor run's.
+and how many reports and token ids are identical to the 1-actor run's. With ``--address`` every
+setting runs on that existing cluster instead; with ``--runtime`` every row is also compared with
+the runtime's ``Reporter`` reporting the same file one scan at a time in this process: the
+independent answer ``radixpert-run`` gives.
 
 Benchmarks report; they set no pass mark.
 """
@@ -49,14 +52,15 @@ def inputs_of(data: str | None, count: int) -> list[str]:
 
 
 def run_setting(bundle: str, paths: list[str], actors: int, cpus: int, batch: int, quant: str | None,
-                work: Path) -> dict[str, Any]:
+                work: Path, address: str | None = None) -> dict[str, Any]:
     """One ``radixpert-batch`` run: its timings, counts and rows (report and token ids by input)."""
     from radixpert.batch.output import read_rows
 
     out = work / f"out-{actors}"
     per_actor = cpus / actors
+    where = ["--address", address] if address else ["--local-cpus", str(cpus)]
     command = [sys.executable, "-m", "radixpert.batch.cli", "--out", str(out), "--bundle", bundle,
-               "--local-cpus", str(cpus), "--actors", str(actors), "--cpus-per-actor", f"{per_actor:g}",
+               *where, "--actors", str(actors), "--cpus-per-actor", f"{per_actor:g}",
                "--threads", str(max(1, int(per_actor))), "--batch", str(batch), "--rows-per-file", "4",
                "--no-progress", *(["--quant", quant] if quant else []), *paths]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -80,6 +84,24 @@ def run_setting(bundle: str, paths: list[str], actors: int, cpus: int, batch: in
             "_rows": {r["input"]: (r["report"], r["tokens"]) for r in table}}
 
 
+def runtime_rows(bundle: str, paths: list[str], quant: str | None, threads: int) -> dict[str, tuple[str, list[int]]]:
+    """Report and token ids of every input from the runtime, one scan at a time (what radixpert-run writes)."""
+    from radixpert.bundle import load_bundle
+    from radixpert.runtime.pipeline import Reporter
+
+    reporter = Reporter(load_bundle(bundle), quant=quant, threads=threads)
+    try:
+        found = {}
+        for i, path in enumerate(paths, 1):
+            result = reporter.report(path)
+            found[path] = (result.report, list(result.tokens))
+            if i % 10 == 0 or i == len(paths):
+                click.echo(f"runtime, one scan at a time: {i}/{len(paths)}", err=True)
+        return found
+    finally:
+        reporter.close()
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run of median reports/hour (the lower middle one for an even count), with every round's value."""
     ordered = sorted(runs, key=lambda r: r["reports_per_hour"])
@@ -91,17 +113,20 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# radixpert-bench batch: {result['title']}", "", f"`{result['command']}`", "",
-             f"{result['inputs']} inputs; each setting a fresh radixpert-batch process with its own local Ray "
-             f"({result['cpus']} CPUs shared out between the actors), Ray {result['ray']}. Reporting time includes "
-             "actor start and bundle load; wall time adds Ray's start. Ratios are to 1 actor of this invocation; "
+             f"{result['inputs']} inputs; each setting a fresh radixpert-batch process " + (
+                 f"on the existing cluster {result['address']}" if result.get("address") else "with its own local Ray")
+             + f" ({result['cpus']} CPUs shared out between the actors), Ray {result['ray']}. Reporting time includes "
+             "actor start and bundle load; wall time adds Ray's start. Ratios are to the first row of this invocation; "
              f"{result['rounds']} round(s), interleaved, the median shown.",
-             "", "| actors | CPUs / threads per actor | batch | reports/hour (median) | × 1 actor | each round | "
-             "reporting s | wall s | rows | identical to 1 actor |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "", f"| actors | CPUs / threads per actor | batch | reports/hour (median) | × {result['rows'][0]['actors']} actor(s) | each round | "
+             f"reporting s | wall s | rows | identical to {result['rows'][0]['actors']} actor(s) | identical to the runtime |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         each = ", ".join(f"{v:.0f}" for v in row["rounds_reports_per_hour"])
         lines.append(f"| {row['actors']} | {row['cpus_per_actor']:g} / {row['threads_per_actor']} | {row['batch']} | "
                      f"{row['reports_per_hour']:.0f} | {row['ratio']:.2f}× | {each} | {row['report_s']:.1f} | "
-                     f"{row['wall_s']:.1f} | {row['rows']} | {row['identical']}/{row['rows']} |")
+                     f"{row['wall_s']:.1f} | {row['rows']} | {row['identical']}/{row['rows']} | "
+                     + (f"{row['identical_runtime']}/{row['rows']} |" if "identical_runtime" in row else "– |"))
     lines += ["", "Median per scan inside the actors, ms (frontend: the whole batched call; the scans of a batch "
               "wait for one another, so total is more than the sum at batch > 1):", "",
               "| actors | " + " | ".join(s.removesuffix("_ms") for s in STAGES) + " |",
@@ -127,11 +152,15 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--rounds", type=click.IntRange(1, 20), default=1, show_default=True,
               help="Rounds of every setting, interleaved (1, 2, 1, 2 ...); the table shows each setting's median.")
 @click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
+@click.option("--address", default=None, help="Run every setting on this existing Ray cluster (host:port, auto) "
+                                              "instead of a fresh local Ray; --cpus is then the cluster's CPUs to use.")
+@click.option("--runtime/--no-runtime", "against_runtime", default=False, show_default=True,
+              help="Also report every input with the runtime one scan at a time, and count identical rows.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for result.json and result.md [default: bench-results/batch-<bundle name>].")
 @cli_errors()
 def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus: int | None, batch: int,
-          rounds: int, quant: str | None, out_dir: str | None) -> None:
+          rounds: int, quant: str | None, address: str | None, against_runtime: bool, out_dir: str | None) -> None:
     """Reports per hour of radixpert-batch with 1 actor and with more, on the same inputs and CPUs.
 
     Each setting runs in a fresh process with a fresh local Ray. Per setting: reports/hour and the
@@ -147,8 +176,8 @@ def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus
     counts = sorted({int(a) for a in actor_counts.split(",") if a.strip()})
     if not counts or counts[0] < 1:
         raise UsageError(f"--actors takes a comma list of positive counts, got {actor_counts!r}")
-    if counts[0] != 1:
-        counts.insert(0, 1)  # the baseline
+    if counts[0] != 1 and not address:
+        counts.insert(0, 1)  # the baseline; on an existing cluster the first count given is, as its nodes may be small
     cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if cpus < counts[-1]:
         raise UsageError(f"{counts[-1]} actors need at least {counts[-1]} CPUs; --cpus is {cpus}")
@@ -160,12 +189,16 @@ def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus
         for actors in counts:
             click.echo(f"round {round_ + 1}/{rounds}: {actors} actor(s) on {len(paths)} input(s)...", err=True)
             with tempfile.TemporaryDirectory(prefix="bench-batch-") as work:
-                runs[actors].append(run_setting(root, paths, actors, cpus, batch, quant, Path(work)))
+                runs[actors].append(run_setting(root, paths, actors, cpus, batch, quant, Path(work), address))
     rows = [median_run(runs[a]) for a in counts]
     base = rows[0]
     for row in rows:
         row["ratio"] = round(row["reports_per_hour"] / base["reports_per_hour"], 3)
         row["identical"] = sum(1 for k, v in row["_rows"].items() if base["_rows"].get(k) == v)
+    if against_runtime:
+        expected = runtime_rows(root, paths, quant, cpus)
+        for row in rows:
+            row["identical_runtime"] = sum(1 for k, v in row["_rows"].items() if expected.get(k) == v)
     for row in rows:
         del row["_rows"]
     name = f"batch-{Path(bundle_dir).name}"
@@ -173,6 +206,6 @@ def batch(bundle_dir: str, data: str | None, count: int, actor_counts: str, cpus
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": command_line(), "title": f"{Path(bundle_dir).name} "
                                                   f"({quant or bundle.manifest['llm']['default_quant']})",
-              "inputs": len(paths), "data": data, "cpus": cpus, "rounds": rounds, "ray": ray.__version__, "rows": rows,
+              "inputs": len(paths), "data": data, "cpus": cpus, "rounds": rounds, "address": address, "ray": ray.__version__, "rows": rows,
               "machine": machine_info(cpus)}
     save_result(out, result, markdown(result))
