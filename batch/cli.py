@@ -59,12 +59,15 @@ EXIT_INTERRUPTED = 130
               help="No plausible chest anatomy (rotated, inverted, cropped, non-chest): withhold the report, or keep it flagged.")
 @click.option("--redact", is_flag=True, help="Write a hash of each file (sha256: and 16 hex digits) in the input "
                                               "column instead of its path.")
+@click.option("--sr", "sr_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write each reported DICOM scan's draft as a DICOM Comprehensive SR into this folder, named "
+                   "<source SOP Instance UID>.sr.dcm (the actors write it: shared storage on a cluster).")
 @click.option("--verify", is_flag=True, help="Hash every bundle file again on every node before loading it.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Ray Data's progress bars on stderr.")
 @cli_errors(interrupted="interrupted; the rows written so far are kept: run the same command again to resume")
 def main(inputs, out_dir, bundle_dir, manifests, address, actors, cpus_per_actor, gpus_per_actor, threads,
          rows_per_file, batch, local_cpus, quant, frontend, providers, gpu_layers, max_new_tokens, on_conflict,
-         on_implausible, redact, verify, progress) -> None:
+         on_implausible, redact, sr_dir, verify, progress) -> None:
     """Write a draft report for every INPUT (DICOM or PNG file, folder searched recursively, or quoted glob
     such as 'archive/**/*.dcm') and every row of --manifest, on a Ray cluster or a local Ray, into a
     Parquet dataset in --out: one row per input with the report, token ids, findings, guard checks,
@@ -90,7 +93,7 @@ def main(inputs, out_dir, bundle_dir, manifests, address, actors, cpus_per_actor
                "threads": threads, "rows_per_file": rows_per_file, "batch": batch, "local_cpus": local_cpus, "quant": quant,
                "frontend": frontend, "providers": providers, "gpu_layers": gpu_layers, "max_new_tokens": max_new_tokens,
                "policy": {"conflict": on_conflict, "implausible": on_implausible}, "redact": redact, "verify": verify,
-               "progress": progress}
+               "progress": progress, "sr_dir": sr_dir}
     sys.exit(score(inputs, manifests, out_dir, bundle_dir, options, err.print))
 
 
@@ -146,7 +149,8 @@ def _run(paths: list[str], skipped_files: int, out: Path, root: Path, bundle_id:
                                  frontend=options["frontend"], threads=threads, gpu_layers=options["gpu_layers"],
                                  providers=providers, max_new_tokens=options["max_new_tokens"],
                                  batch=options["batch"], verify=options["verify"],
-                                 redact=options["redact"], policy=options["policy"])
+                                 redact=options["redact"], policy=options["policy"],
+                                 sr_dir=sr_folder(options["sr_dir"]))
     say(f"radixpert-batch: {len(paths)} input(s); Ray with {resources.get('CPU', 0):g} CPU(s), "
         f"{resources.get('GPU', 0):g} GPU(s); {pool.actors} actor(s) of {pool.cpus:g} CPU(s), {pool.gpus:g} GPU(s), "
         f"{threads} thread(s), batch {options['batch']}; bundle {bundle_id} ({quant})")
@@ -174,6 +178,18 @@ def _run(paths: list[str], skipped_files: int, out: Path, root: Path, bundle_id:
         say(f"interrupted after {progress.done} of {progress.total} input(s); they are in {out}")
         raise
     return summarize(progress, skipped_files, out, say)
+
+
+def sr_folder(sr_dir: str | None) -> str | None:
+    """``--sr`` as an absolute path, created here (on a cluster, the actors' nodes must see the same path)."""
+    if not sr_dir:
+        return None
+    folder = Path(sr_dir).absolute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the --sr folder {folder}: {exc.strerror}") from None
+    return str(folder)
 
 
 def summarize(progress: Any, skipped_files: int, out: Path, say: Callable[[str], None]) -> int:

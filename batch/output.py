@@ -51,6 +51,7 @@ SCHEMA = pa.schema([
     ("quant", pa.string()),
     ("frontend", pa.string()),
     ("run_id", pa.string()),           # which invocation wrote the row
+    ("sr", pa.string()),               # with --sr: the SR's file name in that folder, or null
 ])
 
 

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -57,6 +58,7 @@ class Settings:
     batch: int = 4
     verify: bool = False
     redact: bool = False
+    sr_dir: str | None = None  # --sr: write each reported DICOM scan's SR here (on the actor's node)
     policy: dict[str, str] = field(default_factory=lambda: {"conflict": "warn", "implausible": "withhold"})
 
 
@@ -272,13 +274,28 @@ def report_row(reporter: Any, settings: Settings, index: int, path: str, key: st
     checked = result.checked
     withheld = withheld_because(checked, settings.policy)
     timings = rounded(result.timings)
-    return {**row, "status": "withheld" if withheld else "reported", "sop_instance_uid": safe_uid(result.sop_instance_uid),
+    uid = safe_uid(result.sop_instance_uid)
+    if settings.sr_dir and not withheld and result.source == "dicom":
+        row["sr"] = write_sr(reporter, settings, path, key, uid, result).name
+    return {**row, "status": "withheld" if withheld else "reported", "sop_instance_uid": uid,
             "report": None if withheld else result.report, "tokens": None if withheld else list(result.tokens),
             "stopped": result.stopped, "findings": None if withheld else to_json(checked.findings),
             "checks": to_json(checked.checks), "gate": to_json(checked.gate), "gate_verdict": checked.gate["verdict"],
             "evidence": to_json(checked.evidence), "flags": list(checked.flags), "withheld": withheld,
             "warnings": [scrub(w, path, f"input {key}") for w in result.warnings],
             "timings": to_json(timings), "total_ms": float(timings.get("total_ms", 0.0))}
+
+
+def write_sr(reporter: Any, settings: Settings, path: str, key: str, uid: str | None, result: Any) -> Path:
+    """The scan's draft as a DICOM Comprehensive SR in ``--sr``, named by the source's SOP Instance UID (or
+    its key's hash), so that a rerun or a retried call rewrites the same file; written atomically."""
+    from radixpert.runtime.outputs import write_sr as write
+
+    name = f"{uid or key.split(':', 1)[-1]}.sr.dcm"
+    checked = result.checked
+    return write(Path(path), result.report, Path(settings.sr_dir) / name, bundle_id=settings.bundle_id,
+                 model_name=reporter.bundle.config.name, warnings=result.warnings, findings=checked.findings,
+                 checks=checked.checks, gate=checked.gate)
 
 
 def report_blocks(items: list[dict[str, Any]], settings: Settings, pool: Pool) -> Iterator[pa.Table]:

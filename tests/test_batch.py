@@ -262,9 +262,9 @@ def test_bad_inputs_are_error_rows_and_exit_3(cluster, bundle, phantoms, tmp_pat
     runtime_cases.pop("not dicom")  # a text file in a folder is skipped, as radixpert-run does
     bad = [*runtime_cases.values(), *serve_cases.values(), missing]
 
-    out = tmp_path / "out"
+    out, srs = tmp_path / "out", tmp_path / "srs"
     done = run_batch(cluster, batch_args(bundle_dir, out, "--address", cluster.address, "--actors", "2",
-                                         str(folder), str(missing)))
+                                         "--sr", str(srs), str(folder), str(missing)))
     assert done.returncode == 3, done.stderr[-3000:]
     assert "Traceback" not in done.stderr + done.stdout
     assert "1 non-image file(s) skipped" in done.stderr
@@ -276,8 +276,31 @@ def test_bad_inputs_are_error_rows_and_exit_3(cluster, bundle, phantoms, tmp_pat
         row = found[str(path)]
         assert row["status"] == "refused" and row["error_code"] == "input", (path.name, row)
         assert row["error"] and "\n" not in row["error"] and path.name not in row["error"], (path.name, row["error"])
-        assert row["report"] is None and row["tokens"] is None
+        assert row["report"] is None and row["tokens"] is None and row["sr"] is None
     assert all(found[str(p)]["status"] == "reported" for p in good)
+    # --sr: one SR per reported scan, read back with pydicom: it references its source, carries the row's
+    # report and coded findings, and passes dciodvfy where dicom3tools is installed.
+    import pydicom
+
+    from radixpert.runtime.sr import read_sr_findings
+
+    assert sorted(p.name for p in srs.iterdir()) == sorted(found[str(p)]["sr"] for p in good)
+    for path in good:
+        row, source = found[str(path)], pydicom.dcmread(path, stop_before_pixels=True)
+        sr = pydicom.dcmread(srs / row["sr"])
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID == row["sop_instance_uid"]
+        texts = [item.TextValue for item in sr.ContentSequence if "ContentSequence" in item
+                 for item in item.ContentSequence if getattr(item, "ValueType", "") == "TEXT"]
+        lines = [line for line in row["report"].splitlines() if line.strip()]
+        assert texts[:len(lines)] == lines  # the report's lines first; labels without a code follow
+        want = [{"label": f["label"], "side": f["side"], "presence": f["presence"]}
+                for f in json.loads(row["findings"]) if f["presence"] in ("positive", "uncertain")]
+        assert read_sr_findings(srs / row["sr"]) == want
+        if shutil.which("dciodvfy"):
+            check = subprocess.run(["dciodvfy", str(srs / row["sr"])], capture_output=True, text=True, timeout=60)
+            assert not [ln for ln in check.stderr.splitlines() if ln.startswith("Error")], check.stderr
 
 
 def test_retried_calls_never_duplicate_a_row(tmp_path):
