@@ -59,6 +59,16 @@ EXIT_INTERRUPTED = 130
               help="No plausible chest anatomy (rotated, inverted, cropped, non-chest): withhold the report, or keep it flagged.")
 @click.option("--redact", is_flag=True, help="Write a hash of each file (sha256: and 16 hex digits) in the input "
                                               "column instead of its path.")
+@click.option("--dicomweb", "dicomweb_url", default=None, metavar="URL",
+              help="Also score the instances a DICOMweb archive lists (QIDO-RS), each retrieved by WADO-RS on the "
+                   "actor's node and deleted after; e.g. http://pacs:8042/dicom-web.")
+@click.option("--query", "queries", multiple=True, metavar="KEY=VALUE",
+              help="QIDO-RS filter for --dicomweb, repeatable: Modality=CR, StudyDate=20250101-20250131.")
+@click.option("--dicomweb-user", default=None, help="HTTP basic user for --dicomweb.")
+@click.option("--dicomweb-password-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding that user's password (read on every node: same path everywhere).")
+@click.option("--dicomweb-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding a bearer token for --dicomweb (read on every node).")
 @click.option("--sr", "sr_dir", type=click.Path(file_okay=False), default=None,
               help="Also write each reported DICOM scan's draft as a DICOM Comprehensive SR into this folder, named "
                    "<source SOP Instance UID>.sr.dcm (the actors write it: shared storage on a cluster).")
@@ -67,9 +77,11 @@ EXIT_INTERRUPTED = 130
 @cli_errors(interrupted="interrupted; the rows written so far are kept: run the same command again to resume")
 def main(inputs, out_dir, bundle_dir, manifests, address, actors, cpus_per_actor, gpus_per_actor, threads,
          rows_per_file, batch, local_cpus, quant, frontend, providers, gpu_layers, max_new_tokens, on_conflict,
-         on_implausible, redact, sr_dir, verify, progress) -> None:
+         on_implausible, redact, dicomweb_url, queries, dicomweb_user, dicomweb_password_file, dicomweb_token_file,
+         sr_dir, verify, progress) -> None:
     """Write a draft report for every INPUT (DICOM or PNG file, folder searched recursively, or quoted glob
-    such as 'archive/**/*.dcm') and every row of --manifest, on a Ray cluster or a local Ray, into a
+    such as 'archive/**/*.dcm'), every row of --manifest and every instance a --dicomweb archive lists
+    for the --query filters, on a Ray cluster or a local Ray, into a
     Parquet dataset in --out: one row per input with the report, token ids, findings, guard checks,
     anatomy-gate verdict, timings, bundle id, or the one-line reason the input was refused.
 
@@ -93,7 +105,8 @@ def main(inputs, out_dir, bundle_dir, manifests, address, actors, cpus_per_actor
                "threads": threads, "rows_per_file": rows_per_file, "batch": batch, "local_cpus": local_cpus, "quant": quant,
                "frontend": frontend, "providers": providers, "gpu_layers": gpu_layers, "max_new_tokens": max_new_tokens,
                "policy": {"conflict": on_conflict, "implausible": on_implausible}, "redact": redact, "verify": verify,
-               "progress": progress, "sr_dir": sr_dir}
+               "progress": progress, "sr_dir": sr_dir, "queries": queries,
+               "archive": archive_of(dicomweb_url, dicomweb_user, dicomweb_password_file, dicomweb_token_file, queries)}
     sys.exit(score(inputs, manifests, out_dir, bundle_dir, options, err.print))
 
 
@@ -106,9 +119,16 @@ def score(inputs: tuple[str, ...], manifests: tuple[str, ...], out_dir: str, bun
     from radixpert.batch.output import read_done
     from radixpert.bundle import bundle_env_default, load_bundle
 
-    paths, skipped_files = collect_inputs(tuple(inputs), tuple(manifests))
+    paths, skipped_files = collect_inputs(tuple(inputs), tuple(manifests)) if inputs or manifests else ([], 0)
+    if options["archive"]:
+        from radixpert.batch.dicomweb import Archive, parse_filters, search
+
+        listed = search(Archive(**options["archive"]), parse_filters(options["queries"]))
+        say(f"DICOMweb: {len(listed)} instance(s) listed by QIDO-RS")
+        paths += listed
     if not paths:
-        raise UsageError("no DICOM or PNG files found in the given inputs; name files, folders, globs or --manifest CSVs")
+        raise UsageError("no DICOM or PNG files found in the given inputs; name files, folders, globs, --manifest CSVs "
+                         "or a --dicomweb archive")
     root = Path(bundle_dir) if bundle_dir else bundle_env_default()
     if not (root / "manifest.json").is_file():
         raise ModelError(f"no bundle at {root}; build one with radixpert-export (or radixpert-export --demo) and pass "
@@ -134,6 +154,7 @@ def _run(paths: list[str], skipped_files: int, out: Path, root: Path, bundle_id:
          resources: dict[str, float], options: dict[str, Any], say: Callable[[str], None]) -> int:
     from radixpert.batch import pipeline
     from radixpert.batch.output import PartWriter
+    from radixpert.batch.dicomweb import is_remote
     from radixpert.runtime.outputs import input_id
 
     pool = pipeline.default_pool(resources, options["actors"], options["cpus_per_actor"], options["gpus_per_actor"],
@@ -150,12 +171,12 @@ def _run(paths: list[str], skipped_files: int, out: Path, root: Path, bundle_id:
                                  providers=providers, max_new_tokens=options["max_new_tokens"],
                                  batch=options["batch"], verify=options["verify"],
                                  redact=options["redact"], policy=options["policy"],
-                                 sr_dir=sr_folder(options["sr_dir"]))
+                                 sr_dir=sr_folder(options["sr_dir"]), archive=options["archive"])
     say(f"radixpert-batch: {len(paths)} input(s); Ray with {resources.get('CPU', 0):g} CPU(s), "
         f"{resources.get('GPU', 0):g} GPU(s); {pool.actors} actor(s) of {pool.cpus:g} CPU(s), {pool.gpus:g} GPU(s), "
         f"{threads} thread(s), batch {options['batch']}; bundle {bundle_id} ({quant})")
     keys = pipeline.key_inputs(paths)
-    items = [{"index": i, "path": p, "key": k, "input": input_id(p) if options["redact"] else p}
+    items = [{"index": i, "path": p, "key": k, "input": input_id(p) if options["redact"] and not is_remote(p) else p}
              for i, (p, k) in enumerate(zip(paths, keys)) if k not in done]
     skipped = len(paths) - len(items)
     if skipped:
@@ -178,6 +199,20 @@ def _run(paths: list[str], skipped_files: int, out: Path, root: Path, bundle_id:
         say(f"interrupted after {progress.done} of {progress.total} input(s); they are in {out}")
         raise
     return summarize(progress, skipped_files, out, say)
+
+
+def archive_of(url: str | None, user: str | None, password_file: str | None, token_file: str | None,
+               queries: tuple[str, ...]) -> dict[str, Any] | None:
+    """The --dicomweb options as plain data for the actors, or None without --dicomweb."""
+    if not url:
+        if user or password_file or token_file or queries:
+            raise UsageError("--query and the --dicomweb-* options need --dicomweb URL")
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--dicomweb takes an http:// or https:// URL, got {url!r}")
+    return {"url": url.rstrip("/"), "username": user,
+            "token_file": str(Path(token_file).absolute()) if token_file else None,
+            "password_file": str(Path(password_file).absolute()) if password_file else None}
 
 
 def sr_folder(sr_dir: str | None) -> str | None:

@@ -73,7 +73,12 @@ def manifest_paths(csv_path: str | Path) -> list[str]:
 
 
 def input_key(path: str) -> str:
-    """``uid:<SOP Instance UID>`` for a DICOM with a valid one in its header, else a hash of the file."""
+    """``uid:<SOP Instance UID>`` for a DICOM with a valid one in its header (or a DICOMweb input), else a
+    hash of the file."""
+    from radixpert.batch.dicomweb import is_remote, remote_key
+
+    if is_remote(path):
+        return remote_key(path)
     uid = header_uid(path)
     return f"uid:{uid}" if uid else input_id(path)
 

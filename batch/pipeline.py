@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from radixpert.errors import DEBUG_ENV, EXIT_INTERNAL, RadixpertError, UsageError, first_line
+from radixpert.errors import DEBUG_ENV, EXIT_INTERNAL, InputError, RadixpertError, UsageError, first_line
 from radixpert.batch.output import table, to_json
 
 EXIT_CLUSTER = 7
@@ -59,6 +59,7 @@ class Settings:
     verify: bool = False
     redact: bool = False
     sr_dir: str | None = None  # --sr: write each reported DICOM scan's SR here (on the actor's node)
+    archive: dict[str, Any] | None = None  # --dicomweb: where the actors retrieve dicomweb: inputs (Archive fields)
     policy: dict[str, str] = field(default_factory=lambda: {"conflict": "warn", "implausible": "withhold"})
 
 
@@ -229,12 +230,39 @@ class ReportActor:
         self.reporter = Reporter(bundle, providers=s.providers, threads=s.threads, quant=s.quant,
                                  gpu_layers=s.gpu_layers, max_new_tokens=s.max_new_tokens, frontend_variant=s.frontend,
                                  batch=s.batch)
+        self.dicomweb = None
+        if s.archive:
+            from radixpert.batch.dicomweb import Archive, client
+
+            self.dicomweb = client(Archive(**s.archive))
 
     def __call__(self, block: pa.Table) -> pa.Table:
         columns = [block.column(c).to_pylist() for c in ("index", "path", "key", "input")]
-        results = report_all(self.reporter, columns[1])
-        return table([report_row(self.reporter, self.settings, index, path, key, shown, result)
-                      for (index, path, key, shown), result in zip(zip(*columns), results)])
+        with tempfile.TemporaryDirectory(prefix="radixpert-wado-") as folder:  # mode 0700, gone after the block
+            local = self.local_files(columns[1], Path(folder))
+            readable = [p for p in local if isinstance(p, str)]
+            reported = iter(report_all(self.reporter, readable))
+            results = [next(reported) if isinstance(p, str) else p for p in local]
+            return table([report_row(self.reporter, self.settings, index, p if isinstance(p, str) else path, key,
+                                     shown, result)
+                          for (index, path, key, shown), p, result in zip(zip(*columns), local, results)])
+
+    def local_files(self, paths: list[str], folder: Path) -> list[str | Exception]:
+        """Each input as a file on this node: DICOMweb inputs retrieved into ``folder``, or why not."""
+        from radixpert.batch.dicomweb import is_remote, retrieve
+
+        local: list[str | Exception] = []
+        for path in paths:
+            if not is_remote(path):
+                local.append(path)
+            elif self.dicomweb is None:
+                local.append(InputError("a dicomweb: input needs --dicomweb"))
+            else:
+                try:
+                    local.append(str(retrieve(self.dicomweb, path, folder)))
+                except InputError as exc:
+                    local.append(exc)
+        return local
 
 
 def report_all(reporter: Any, paths: list[str]) -> list[Any]:

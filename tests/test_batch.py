@@ -388,3 +388,56 @@ def test_a_node_lost_mid_run_still_gives_one_row_per_input(cluster, bundle, phan
     found = one_row_per_input(out, paths)
     assert len({r["index"] for r in found}) == len(paths)
     assert all(r["status"] == "reported" for r in found)
+
+
+def test_a_dicomweb_archive_is_searched_retrieved_and_resumed(cluster, bundle, phantoms, tmp_path):
+    """A real Orthanc with its DICOMweb plugin: QIDO-RS lists the instances, the actors retrieve them by
+    WADO-RS; the rows equal the runtime on the same files, and a rerun finds everything done."""
+    from radixpert.batch.output import to_json
+    from radixpert.benchmarks.serve_harness import Orthanc, components_missing, running
+    from radixpert.bundle import load_bundle
+    from radixpert.runtime.pipeline import Reporter
+
+    if "orthanc" in components_missing():
+        pytest.skip("needs orthanc and orthanc-dicomweb (apt-get install orthanc orthanc-dicomweb)")
+    import pydicom
+
+    bundle_dir, _ = bundle
+    sent = phantoms[:6]
+    ct = pydicom.dcmread(phantoms[6])
+    ct.Modality = "CT"  # listed by the archive, then filtered out by the query
+    ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ct.save_as(tmp_path / "ct.dcm")
+    web = Orthanc(tmp_path / "pacs", "RADIXPERT", 104, aet="WEBPACS", dicomweb=True)
+    secret = tmp_path / "password"
+    secret.write_text(web.password)
+    with running(web):
+        web.start()
+        for path in [*sent, tmp_path / "ct.dcm"]:
+            web.upload(path)
+        archive = ["--dicomweb", f"{web.url}/dicom-web", "--dicomweb-user", web.user, "--dicomweb-password-file",
+                   str(secret), "--query", "Modality=DX"]
+        out = tmp_path / "out"
+        done = run_batch(cluster, batch_args(bundle_dir, out, "--address", cluster.address, "--actors", "2",
+                                             "--rows-per-file", "2", *archive))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "DICOMweb: 6 instance(s) listed" in done.stderr and web.password not in done.stderr + done.stdout
+        again = run_batch(cluster, batch_args(bundle_dir, out, "--address", cluster.address, *archive))
+        assert again.returncode == 0 and "resuming: 6 input(s) already in" in again.stderr, again.stderr[-2000:]
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not the password")
+        refused = run_batch(cluster, batch_args(bundle_dir, tmp_path / "out2", "--address", cluster.address,
+                                                *archive[:5], str(wrong)))
+    assert refused.returncode == 2 and "QIDO-RS search of" in refused.stderr and "Traceback" not in refused.stderr
+    found = {r["key"]: r for r in rows(out)}
+    headers = {f"uid:{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}": p for p in sent}
+    assert set(found) == set(headers) and len(rows(out)) == len(sent)
+    reporter = Reporter(load_bundle(bundle_dir), quant="f32", threads=2)
+    try:
+        for key, path in headers.items():
+            expected, row = reporter.report(str(path)), found[key]
+            assert row["status"] == "reported" and row["input"].startswith("dicomweb:"), row
+            assert row["report"] == expected.report and row["tokens"] == list(expected.tokens), path.name
+            assert row["evidence"] == to_json(expected.checked.evidence), path.name  # tells the scans apart
+    finally:
+        reporter.close()
