@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radixpert.errors import InputError, UsageError, first_line
+from radixpert.errors import InputError, UsageError
 
 PREFIX = "dicomweb:"
 _UID = r"[0-9]+(?:\.[0-9]+)*"
@@ -76,7 +76,7 @@ def search(archive: Archive, filters: dict[str, str]) -> list[str]:
     except UsageError:
         raise
     except Exception as exc:  # requests and dicomweb-client raise many types
-        raise UsageError(f"QIDO-RS search of {archive.url} failed ({type(exc).__name__}: {first_line(exc, 200)}); "
+        raise UsageError(f"QIDO-RS search of {archive.url} failed ({why(exc)}); "
                          "check --dicomweb, its credentials and --query") from None
     inputs = []
     for item in found:
@@ -84,6 +84,13 @@ def search(archive: Archive, filters: dict[str, str]) -> list[str]:
         if all(isinstance(u, str) and re.fullmatch(_UID, u) for u in uids):
             inputs.append(f"{PREFIX}{uids[0]}/{uids[1]}/{uids[2]}")
     return list(dict.fromkeys(inputs))
+
+
+def why(exc: BaseException) -> str:
+    """The error's class and HTTP status, never its text: a request's URL can carry the query's values
+    (a --query on PatientID, say), which must not reach a log."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"{type(exc).__name__}" + (f", HTTP {status}" if status else "")
 
 
 def is_remote(path: str) -> bool:
@@ -104,8 +111,7 @@ def retrieve(dicomweb: Any, path: str, folder: Path) -> Path:
     try:
         dataset = dicomweb.retrieve_instance(study, series, instance)
     except Exception as exc:  # an instance the archive lost or refuses is this input's error, not the run's
-        raise InputError(f"WADO-RS retrieval of instance {instance} failed ({type(exc).__name__}: "
-                         f"{first_line(exc, 160)})") from None
+        raise InputError(f"WADO-RS retrieval of instance {instance} failed ({why(exc)})") from None
     target = folder / f"{instance}.dcm"
     descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:

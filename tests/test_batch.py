@@ -427,8 +427,9 @@ def test_a_dicomweb_archive_is_searched_retrieved_and_resumed(cluster, bundle, p
         wrong = tmp_path / "wrong"
         wrong.write_text("not the password")
         refused = run_batch(cluster, batch_args(bundle_dir, tmp_path / "out2", "--address", cluster.address,
-                                                *archive[:5], str(wrong)))
-    assert refused.returncode == 2 and "QIDO-RS search of" in refused.stderr and "Traceback" not in refused.stderr
+                                                *archive[:5], str(wrong), *archive[6:]))
+    assert refused.returncode == 2 and "QIDO-RS search of" in refused.stderr and "HTTP 401" in refused.stderr
+    assert "Traceback" not in refused.stderr and "Modality=DX" not in refused.stderr  # the query's values stay out
     found = {r["key"]: r for r in rows(out)}
     headers = {f"uid:{pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID}": p for p in sent}
     assert set(found) == set(headers) and len(rows(out)) == len(sent)
