@@ -44,18 +44,14 @@ def _read_secret(path: str, what: str) -> str:
 
 def client(archive: Archive) -> Any:
     """A dicomweb-client ``DICOMwebClient`` for the archive, with its credentials."""
-    from dicomweb_client.api import DICOMwebClient
-    from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+    from radixpert.dicomweb import dicomweb_client
 
-    if archive.username:
-        if not archive.password_file:
-            raise UsageError("--dicomweb-user needs --dicomweb-password-file (a file holding the password)")
-        session = create_session_from_user_pass(archive.username, _read_secret(archive.password_file, "password"))
-    else:
-        session = create_session()
-    if archive.token_file:
-        session.headers["Authorization"] = f"Bearer {_read_secret(archive.token_file, 'token')}"
-    return DICOMwebClient(archive.url, session=session, timeout=archive.timeout_s)
+    if archive.username and not archive.password_file:
+        raise UsageError("--dicomweb-user needs --dicomweb-password-file (a file holding the password)")
+    return dicomweb_client(
+        archive.url, username=archive.username, timeout=archive.timeout_s,
+        password=_read_secret(archive.password_file, "password") if archive.username else None,
+        token=_read_secret(archive.token_file, "token") if archive.token_file else None)
 
 
 def parse_filters(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -288,7 +288,6 @@ def report_all(reporter: Any, paths: list[str]) -> list[Any]:
 def report_row(reporter: Any, settings: Settings, index: int, path: str, key: str, shown: str,
                result: Any) -> dict[str, Any]:
     """The row of one input: its report and checks, or the one-line reason it was refused."""
-    from radixpert.errors import InputError
     from radixpert.runtime.cli import rounded, withheld_because
     from radixpert.runtime.outputs import safe_uid, scrub
 

@@ -70,7 +70,7 @@ def load(bundle: str, work: Path, files: list[Path], parallel: int, threads: int
     node = NodeProcess(work / "node", bundle, threads=threads)
     pacs = Orthanc(work / "pacs", node.ae_title, node.dicom_port)
     node.config.write_text(node.config.read_text().replace("[queue]", f"[queue]\nmax_jobs = {max_jobs}") +
-                           _dest(pacs))
+                           pacs.destination())
     with running(pacs, node):
         pacs.start()
         node.start()
@@ -110,7 +110,7 @@ def crash(bundle: str, work: Path, files: list[Path], queued: int, threads: int)
 
     node = NodeProcess(work / "node", bundle, threads=threads)
     pacs = Orthanc(work / "pacs", node.ae_title, node.dicom_port)
-    node.config.write_text(node.config.read_text() + _dest(pacs))
+    node.config.write_text(node.config.read_text() + pacs.destination())
     with running(pacs, node):
         pacs.start()
         node.start()
@@ -131,7 +131,7 @@ def outage(bundle: str, work: Path, files: list[Path], seconds: float, threads: 
 
     node = NodeProcess(work / "node", bundle, threads=threads)
     pacs = Orthanc(work / "pacs", node.ae_title, node.dicom_port)
-    node.config.write_text(node.config.read_text() + _dest(pacs) +
+    node.config.write_text(node.config.read_text() + pacs.destination() +
                            "[delivery]\nbackoff_s = 1\nmax_backoff_s = 8\nmax_attempts = 30\n")
     with running(pacs, node):
         pacs.start()
@@ -170,11 +170,6 @@ def _screenshot(url: str, path: Path) -> None:
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     "--window-size=1280,1400", f"--screenshot={path.resolve()}", url],
                    capture_output=True, timeout=120, check=True)
-
-
-def _dest(pacs: Any) -> str:
-    return (f'[[destinations]]\nname = "pacs"\ntype = "dicom"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
-            f"port = {pacs.dicom_port}\n")
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -141,6 +141,11 @@ class Orthanc:
         dest.write_bytes(r.content)
         return dest
 
+    def destination(self, name: str = "pacs") -> str:
+        """The node's TOML ``[[destinations]]`` entry that sends SRs here by C-STORE."""
+        return (f'[[destinations]]\nname = "{name}"\ntype = "dicom"\nae_title = "{self.aet}"\nhost = "{LOOPBACK}"\n'
+                f"port = {self.dicom_port}\n")
+
     def __enter__(self) -> Orthanc:
         self.start()
         return self

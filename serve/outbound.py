@@ -68,16 +68,12 @@ class DicomWebSender:
     """STOW-RS of the SR to a DICOMweb endpoint (dicomweb-client)."""
 
     def __init__(self, dest: Destination, timeout: float):
-        from dicomweb_client.api import DICOMwebClient
-        from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+        from radixpert.dicomweb import dicomweb_client
 
-        if dest.username:
-            session = create_session_from_user_pass(dest.username, _secret(dest.password_file, dest.name))
-        else:
-            session = create_session()
-        if dest.token_file:
-            session.headers["Authorization"] = f"Bearer {_secret(dest.token_file, dest.name)}"
-        self.client = DICOMwebClient(dest.url, session=session, timeout=timeout)
+        self.client = dicomweb_client(
+            dest.url, username=dest.username, timeout=timeout,
+            password=_secret(dest.password_file, dest.name) if dest.username else None,
+            token=_secret(dest.token_file, dest.name) if dest.token_file else None)
 
     def send(self, path: Path) -> None:
         try:

@@ -31,11 +31,6 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.dcm"))
 CODED = ("positive", "uncertain")
 
 
-def dicom_dest(pacs: Orthanc, name: str = "pacs") -> str:
-    return (f'[[destinations]]\nname = "{name}"\ntype = "dicom"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
-            f"port = {pacs.dicom_port}\n")
-
-
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> list[Path]:
     """30 phantom DICOMs (256², seed 21), each carrying the test PHI."""
@@ -59,7 +54,7 @@ def round_trip(bundle, phantoms, tmp_path_factory):
     web = Orthanc(base / "web", node.ae_title, node.dicom_port, aet="WEBPACS", dicomweb=True)
     secret = base / "web-password"
     secret.write_text(web.password)
-    node.config.write_text(node.config.read_text() + dicom_dest(pacs) + (
+    node.config.write_text(node.config.read_text() + pacs.destination() + (
         f'[[destinations]]\nname = "web"\ntype = "dicomweb"\nurl = "{web.url}/dicom-web"\nusername = "{web.user}"\n'
         f'password_file = "{secret}"\n[[destinations]]\nname = "folder"\ntype = "folder"\npath = "{base / "out"}"\n'))
     with running(pacs, web, node):
@@ -170,7 +165,7 @@ def test_bad_input_becomes_failed_jobs_and_non_matching_is_ignored(bundle, phant
 def test_kill9_then_sigterm_loses_and_duplicates_nothing(bundle, phantoms, tmp_path):
     node = NodeProcess(tmp_path / "node", bundle[0], on_implausible="warn", threads=1)
     pacs = Orthanc(tmp_path / "pacs", node.ae_title, node.dicom_port)
-    node.config.write_text(node.config.read_text() + dicom_dest(pacs))
+    node.config.write_text(node.config.read_text() + pacs.destination())
     inputs = phantoms[:12]
     with running(pacs, node):
         pacs.start()
@@ -196,7 +191,7 @@ def test_outage_retries_then_delivers_and_manual_retry_revives_dead(bundle, phan
     node = NodeProcess(tmp_path / "node", bundle[0], on_implausible="warn")
     pacs = Orthanc(tmp_path / "pacs", node.ae_title, node.dicom_port)
     late = Orthanc(tmp_path / "late", node.ae_title, node.dicom_port, aet="LATE")
-    node.config.write_text(node.config.read_text() + dicom_dest(pacs) + dicom_dest(late, "late").replace(
+    node.config.write_text(node.config.read_text() + pacs.destination() + late.destination("late").replace(
         'name = "late"', 'name = "late"') + "[delivery]\nbackoff_s = 0.5\nmax_backoff_s = 2\nmax_attempts = 40\n")
     # "late" never answers until the end: 40 attempts at <= 2 s apart are about 75 s, so it is still retrying
     inputs = phantoms[20:26]
@@ -224,7 +219,7 @@ def test_outage_retries_then_delivers_and_manual_retry_revives_dead(bundle, phan
 def test_load_parallel_associations_past_the_queue_bound(bundle, phantoms, tmp_path):
     node = NodeProcess(tmp_path / "node", bundle[0], on_implausible="warn")
     pacs = Orthanc(tmp_path / "pacs", node.ae_title, node.dicom_port)
-    node.config.write_text(node.config.read_text().replace("[queue]", "[queue]\nmax_jobs = 6") + dicom_dest(pacs))
+    node.config.write_text(node.config.read_text().replace("[queue]", "[queue]\nmax_jobs = 6") + pacs.destination())
     inputs = phantoms  # 30 instances over 4 associations (200 in radixpert-bench serve)
     with running(pacs, node):
         pacs.start()
