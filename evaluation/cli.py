@@ -105,8 +105,9 @@ def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
               help="Frontend model: fp32, or the INT8 one of a bundle exported with radixpert-export --int8.")
 @click.option("--batch", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Scans decoded together (the same reports as one at a time, faster).")
-@click.option("--speculative", is_flag=True, help="Verify drafts from the bundle's n-gram index (faster; on CPU some "
-                                                  "reports differ from plain decoding, see docs/throughput.md).")
+@click.option("--speculative", is_flag=True, help="Verify drafts from the bundle's n-gram index: the same reports on "
+                                                  "CPU with f32/f16/q8_0 files and the install's llama.cpp build; "
+                                                  "elsewhere some differ (docs/throughput.md).")
 def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
            out_dir, uncertain, frontend, batch, speculative) -> None:
     """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
@@ -136,6 +137,9 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     out.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens,
                         frontend_variant=frontend, batch=batch, speculative=speculative)
+    if not reporter.speculative_exact:
+        click.echo("warning: speculative decoding is not exact with this LLM file, device or llama.cpp build: some "
+                   "reports may differ from plain decoding (docs/throughput.md)", err=True)
     pairs, refused, checked = [], 0, []
     started = time.perf_counter()
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle, \
@@ -163,7 +167,7 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split,
                     "frontend": frontend, "command": "radixpert-eval " + shlex.join(sys.argv[1:]),
                     "decoding": {"batch": batch, "speculative": speculative,
-                                 "report_seconds": round(report_seconds, 1)},
+                                 "speculative_exact": reporter.speculative_exact, "report_seconds": round(report_seconds, 1)},
                     "checks": score_checks(checked, covered)})
     _finish(metrics, rows, out, f"{Path(bundle_dir).name} on {split}")
     with (out / "metrics.md").open("a", encoding="utf-8") as handle:

@@ -82,8 +82,9 @@ def _looks_like_scan(path: Path) -> bool:
                    "(1.12x at 8 on 2 cores; docs/throughput.md).")
 @click.option("--speculative/--no-speculative", default=False, show_default=True,
               help="Verify draft tokens from the bundle's n-gram index of training reports, several per step. "
-                   "Exact with an f16 LLM file (--quant f16). Off by default: with quantized files the CPU kernels "
-                   "give other logits for several positions at once, and many reports change; docs/throughput.md.")
+                   "The same reports as plain decoding on CPU with f32/f16/q8_0 files and the install's llama.cpp "
+                   "build (no llamafile sgemm); elsewhere (GPU, q4_k_m, other builds) some reports change, and a "
+                   "warning says so. Off by default; docs/throughput.md.")
 @click.option("--kv-memory", type=click.FloatRange(min=1), default=None,
               help="Refuse a --batch whose KV cache would need more than this many MiB [default: 4096].")
 @cli_errors()
@@ -143,6 +144,10 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
     reporter = Reporter(bundle, providers=parse_providers(providers) if providers else None, threads=threads,
                         quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens, frontend_variant=frontend,
                         **decoding)
+    if not reporter.speculative_exact:
+        err.print("warning: speculative decoding is not exact with this LLM file, device or llama.cpp build: some "
+                  "reports may differ from --no-speculative (exact: CPU, f32/f16/q8_0, llama.cpp built with "
+                  "-DGGML_LLAMAFILE=OFF; docs/throughput.md)")
     out = Path(out_dir) if out_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

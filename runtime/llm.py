@@ -54,6 +54,18 @@ def gpu_offload_supported() -> bool:
     return bool(_import_llama_cpp().llama_supports_gpu_offload())
 
 
+# Weight types whose CPU matrix product is one dot product per output for any number of positions
+# in a step (ggml's vec_dot), in a build without llamafile's sgemm. Others (Q4_0, Q4_K, IQ4_NL ...)
+# are repacked on AVX2 and use one kernel for a single position and another for several.
+_INVARIANT_FILE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
+def llamafile_sgemm_built() -> bool:
+    """Whether this llama.cpp computes steps of 2+ positions with llamafile's sgemm (other rounding
+    than the single-position kernel). The install builds with -DGGML_LLAMAFILE=OFF."""
+    return "LLAMAFILE = 1" in _import_llama_cpp().llama_print_system_info().decode(errors="replace")
+
+
 @dataclass
 class GenerationResult:
     """Greedy output of one scan, with the timings the runtime reports."""
@@ -211,6 +223,23 @@ class LlamaRunner:
         self._check_open()
         self.threads_now = max(1, min(int(threads), self.threads))
         self._c.llama_set_n_threads(self._ctx, self.threads_now, self.threads_now)
+
+    def file_type(self) -> str:
+        """llama.cpp's name for the weights' type: "all F32", "F16", "Q8_0", "Q4_K - Medium" ..."""
+        self._check_open()
+        buf = ctypes.create_string_buffer(256)
+        self._c.llama_model_desc(self._model, buf, len(buf))
+        # "<arch> <size> <file type>"; the file type may contain spaces
+        return buf.value.decode(errors="replace").split(" ", 2)[-1]
+
+    def batch_invariant(self) -> bool:
+        """Whether a position's logits are bit for bit the same alone in a step or beside others, which
+        makes speculative decoding give exactly plain greedy decoding's tokens. True on CPU for
+        F32/F16/BF16/Q8_0 weights in a build without llamafile's sgemm (docs/throughput.md). GPU
+        kernels differ between one and several positions, so a GPU is never counted invariant."""
+        if self.gpu_layers > 0 or llamafile_sgemm_built():
+            return False
+        return self.file_type().removeprefix("all ").strip() in _INVARIANT_FILE_TYPES
 
     # --- vocabulary ----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -53,10 +53,11 @@ class Reporter:
     """A loaded bundle: the ORT frontend session and the llama.cpp model, ready for scans.
 
     ``batch`` scans are decoded together (``radixpert.runtime.batched``): the same tokens as one at
-    a time. ``speculative`` decoding verifies drafts from the bundle's n-gram index; it is exact in
-    exact arithmetic, but llama.cpp's CPU kernels give different logits for several positions at
-    once, so it is off by default (docs/throughput.md). ``batch=1, speculative=False`` is the
-    one-scan-at-a-time path, the only one that streams.
+    a time. ``speculative`` decoding verifies drafts from the bundle's n-gram index: the same tokens
+    where llama.cpp computes a position alike alone or beside others (``speculative_exact``: CPU,
+    F32/F16/Q8_0, a build without llamafile's sgemm); elsewhere some reports differ, so it is opt-in
+    (docs/throughput.md). ``batch=1, speculative=False`` is the one-scan-at-a-time path, the only
+    one that streams.
     """
 
     def __init__(
@@ -93,6 +94,8 @@ class Reporter:
         self.llm = LlamaRunner(bundle.llm_path(self.quant), n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers,
                                n_seq=self.batch if batched else None,
                                n_batch=max(512, self.batch * (draft_tokens + 1)) if batched else 512)
+        # Verified drafts give plain decoding's tokens only where the kernels are batch-invariant.
+        self.speculative_exact = self.drafter is None or self.llm.batch_invariant()
         # With no --threads, a CPU LLM takes as many threads as there are idle CPUs, per report.
         self.adaptive_threads = threads is None and thread_policy() == "adaptive" and self.llm.gpu_layers == 0
         self.checker = Checker(bundle.manifest, bundle.config.mask_names)
@@ -118,7 +121,8 @@ class Reporter:
         """What ran, for logs and JSON output (no patient data)."""
         return {"bundle_id": self.bundle.bundle_id, "frontend": self.frontend_variant, "quant": self.quant,
                 "providers": self.providers_used, "llm_gpu_layers": self.llm.gpu_layers, "threads": self.llm.threads,
-                "batch": self.batch, "speculative": self.drafter is not None}
+                "batch": self.batch, "speculative": self.drafter is not None,
+                "speculative_exact": self.speculative_exact}
 
     # --- stages shared by both paths -------------------------------------------------------
     def _read(self, path: str | Path) -> tuple[np.ndarray, dict[str, Any], np.ndarray, dict[str, float]]:

@@ -203,3 +203,39 @@ def test_demo_checks_examples_and_a_mirrored_copy(demo_bundle, tmp_path):
     assert [r["gate"]["verdict"] for r in examples] == ["ok"] * len(examples)
     assert not any(c["verdict"] == "conflict" for r in examples for c in r["checks"])
     assert flipped["gate"]["verdict"] == "mirrored" and flipped["flagged"]
+
+
+def test_demo_q8_0_logits_do_not_depend_on_how_many_positions_share_a_step(demo_bundle):
+    """What makes speculative decoding exact on the demo's q8_0 file: a position's logits are bit
+    for bit the same decoded alone or beside 4 others. llama.cpp's default build computes steps of
+    2+ positions with llamafile's sgemm and differs here by up to about 1 logit; the install's
+    -DGGML_LLAMAFILE=OFF build gives 0."""
+    import numpy as np
+
+    from radixpert.bundle import load_bundle
+    from radixpert.runtime.llm import LlamaRunner
+
+    loaded = load_bundle(demo_bundle)
+    reports = [EXPECTED[name]["reference_report"] for name in sorted(EXPECTED)]
+    with LlamaRunner(loaded.llm_path("q8_0"), n_ctx=loaded.manifest["llm"]["n_ctx"], threads=2, gpu_layers=0) as runner:
+        for report in reports:
+            ids = loaded.token_ids["prefix"] + runner.tokenize(report)
+            context, tail = ids[:-5], ids[-5:]
+            runner.reset()
+            runner.eval_tokens(context)
+            one_at_a_time = np.stack([runner.eval_tokens([token]) for token in tail])
+            runner.trim(len(context))
+            together = runner.eval_tokens(tail, all_logits=True)
+            assert np.array_equal(one_at_a_time, together), float(np.abs(one_at_a_time - together).max())
+        assert runner.batch_invariant()  # and the runtime knows it: no warning with --speculative
+
+
+def test_demo_speculative_and_batched_reports_equal_plain(demo_bundle, demo_reports):
+    done = subprocess.run([sys.executable, "-m", "radixpert.runtime.cli", *sorted(str(EXAMPLES / n) for n in EXPECTED),
+                           "--bundle", str(demo_bundle), "--format", "json", "--threads", "2", "--batch", "2",
+                           "--speculative"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not exact" not in done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert all(r["speculative"] and r["speculative_exact"] for r in rows)
+    assert {Path(r["input"]).name: r["report"] for r in rows} == demo_reports
