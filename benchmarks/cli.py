@@ -62,6 +62,7 @@ def main() -> None:
       radixpert-bench throughput --bundle B   reports/hour at --batch 1,2,4,8, with and without speculative decoding
       radixpert-bench prefill --bundle B      prompt prefill across n_ubatch, prefill threads and LLM file type
       radixpert-bench verify --bundle B       the cost of verifying k draft tokens in one step vs decoding 1
+      radixpert-bench invariance --bundle B   same logits alone in a step or beside others? (per attention setting)
       radixpert-bench diff A.json B.json      are two runs' medians within each other's spread?
 
     Every subcommand writes result.json, result.md and stages.png. Benchmarks report; they set no pass mark.
@@ -337,6 +338,41 @@ def verify(bundle_dir: str, counts: str, acceptance: float | None, quant: str | 
             line += f" {r['projected_tokens_per_step']:.2f} | {r['projected_speedup']:.2f}× |"
         lines.append(line)
     save_result(out, result, "\n".join(lines) + "\n")
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False), help="Bundle from radixpert-export.")
+@click.option("--quant", default=None, help="Which LLM file of the bundle [default: the bundle's default].")
+@click.option("--k", type=click.IntRange(2, 16), default=5, show_default=True, help="Positions sharing one step.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads [default: usable CPUs, at most 8].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for result.json and result.md [default: bench-results/invariance-<bundle name>].")
+@cli_errors()
+def invariance(bundle_dir: str, quant: str | None, k: int, threads: int | None, out_dir: str | None) -> None:
+    """Does a position get the same logits alone in a step as beside others, per attention setting?
+
+    Speculative decoding (k positions of one sequence per verify step) is exact only where the first
+    column is 0; batched decoding (one position in each of k sequences) only where the third is.
+    """
+    from radixpert.benchmarks.invariance import markdown, measure_invariance
+    from radixpert.benchmarks.report import command_line, machine_info
+    from radixpert.bundle import load_bundle
+    from radixpert.imageio import read_image
+    from radixpert.runtime.frontend import OnnxFrontend
+
+    bundle = load_bundle(bundle_dir)
+    threads = threads or min(len(os.sched_getaffinity(0)), 8)
+    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
+    visual = OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
+    with _progress() as progress:
+        progress.add_task("attention settings", total=None)
+        rows = measure_invariance(bundle, visual, quant, threads, k)
+    info = machine_info(threads)
+    result = {"command": command_line(), "title": f"{Path(bundle_dir).name} ({quant or bundle.manifest['llm']['default_quant']})",
+              "threads": threads, "rows": rows, "llama_cpp_features": info["llama_cpp_features"], "machine": info}
+    out = Path(out_dir) if out_dir else Path("bench-results") / _slug(f"invariance-{Path(bundle_dir).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_result(out, result, markdown(result))
 
 
 def save_result(out: Path, result: dict[str, Any], text: str) -> None:

@@ -7,6 +7,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -106,15 +107,20 @@ def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
 @click.option("--batch", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Scans decoded together (the same reports as one at a time, faster).")
 @click.option("--speculative", is_flag=True, help="Verify drafts from the bundle's n-gram index: the same reports on "
-                                                  "CPU with f32/f16/q8_0 files and the install's llama.cpp build; "
-                                                  "elsewhere some differ (docs/throughput.md).")
+                                                  "CPU with f32/f16/q8_0 files and llama.cpp built with "
+                                                  "-DGGML_LLAMAFILE=OFF; elsewhere some differ (docs/throughput.md).")
+@click.option("--same-as", "same_as", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="predictions.jsonl of another run (e.g. without --speculative): count the reports identical to "
+                   "it, scan by scan, into metrics.json.")
 def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
-           out_dir, uncertain, frontend, batch, speculative) -> None:
+           out_dir, uncertain, frontend, batch, speculative, same_as) -> None:
     """Run a bundle (the torch-free runtime) on a split's images, then score the reports."""
     require_metric_libraries()  # before the reports, not after them
+    earlier = _reports_by_input(Path(same_as)) if same_as else None
     from radixpert.evaluation.checks import markdown as checks_markdown
     from radixpert.evaluation.checks import score_checks
     from radixpert.evaluation.scoring import Pair, evaluate
+    from radixpert.runtime.llm import build_features
     from radixpert.runtime.pipeline import Reporter
     from radixpert.train.data import load_split, read_table, select
     from rich.progress import (
@@ -138,7 +144,7 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens,
                         frontend_variant=frontend, batch=batch, speculative=speculative)
     if not reporter.speculative_exact:
-        click.echo("warning: speculative decoding is not exact with this LLM file, device or llama.cpp build: some "
+        click.echo("warning: speculative decoding is not exact with this llama.cpp build, LLM file or device: some "
                    "reports may differ from plain decoding (docs/throughput.md)", err=True)
     pairs, refused, checked = [], 0, []
     started = time.perf_counter()
@@ -167,12 +173,33 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split,
                     "frontend": frontend, "command": "radixpert-eval " + shlex.join(sys.argv[1:]),
                     "decoding": {"batch": batch, "speculative": speculative,
-                                 "speculative_exact": reporter.speculative_exact, "report_seconds": round(report_seconds, 1)},
+                                 "speculative_exact": reporter.speculative_exact, "llama_cpp": build_features(),
+                                 "report_seconds": round(report_seconds, 1)},
                     "checks": score_checks(checked, covered)})
+    if earlier is not None:
+        metrics["decoding"]["same_as"] = _identity(earlier, checked, same_as)
+        click.echo("identical to {file}: {identical} of {compared} reports".format(**metrics["decoding"]["same_as"]))
     _finish(metrics, rows, out, f"{Path(bundle_dir).name} on {split}")
     with (out / "metrics.md").open("a", encoding="utf-8") as handle:
         handle.write("\n" + checks_markdown(metrics["checks"]))
     click.echo(checks_markdown(metrics["checks"]))
+
+
+def _reports_by_input(path: Path) -> dict[str, str | None]:
+    """Report text by input path from a predictions.jsonl of radixpert-eval bundle."""
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return {row["input"]: row.get("report") for row in rows}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--same-as {path.name} is not a predictions.jsonl of radixpert-eval bundle ({exc})") from None
+
+
+def _identity(earlier: dict[str, str | None], checked: list[dict], same_as: str) -> dict[str, Any]:
+    """How many of this run's reports equal the earlier run's for the same input, and which differ."""
+    compared = [row for row in checked if row["input"] in earlier]
+    differ = [row["input"] for row in compared if row["report"] != earlier[row["input"]]]
+    return {"file": str(same_as), "compared": len(compared), "identical": len(compared) - len(differ),
+            "differ": differ}
 
 
 @cli.command()

@@ -82,9 +82,9 @@ def _looks_like_scan(path: Path) -> bool:
                    "(1.12x at 8 on 2 cores; docs/throughput.md).")
 @click.option("--speculative/--no-speculative", default=False, show_default=True,
               help="Verify draft tokens from the bundle's n-gram index of training reports, several per step. "
-                   "The same reports as plain decoding on CPU with f32/f16/q8_0 files and the install's llama.cpp "
-                   "build (no llamafile sgemm); elsewhere (GPU, q4_k_m, other builds) some reports change, and a "
-                   "warning says so. Off by default; docs/throughput.md.")
+                   "Off by default: it gives plain decoding's reports only with llama.cpp built with "
+                   "-DGGML_LLAMAFILE=OFF (CPU, f32/f16/q8_0), where prefill is slower; elsewhere some reports change, "
+                   "and a warning says so. docs/throughput.md.")
 @click.option("--kv-memory", type=click.FloatRange(min=1), default=None,
               help="Refuse a --batch whose KV cache would need more than this many MiB [default: 4096].")
 @cli_errors()
@@ -145,7 +145,7 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
                         quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens, frontend_variant=frontend,
                         **decoding)
     if not reporter.speculative_exact:
-        err.print("warning: speculative decoding is not exact with this LLM file, device or llama.cpp build: some "
+        err.print("warning: speculative decoding is not exact with this llama.cpp build, LLM file or device: some "
                   "reports may differ from --no-speculative (exact: CPU, f32/f16/q8_0, llama.cpp built with "
                   "-DGGML_LLAMAFILE=OFF; docs/throughput.md)")
     out = Path(out_dir) if out_dir else None

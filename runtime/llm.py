@@ -57,13 +57,19 @@ def gpu_offload_supported() -> bool:
 # Weight types whose CPU matrix product is one dot product per output for any number of positions
 # in a step (ggml's vec_dot), in a build without llamafile's sgemm. Others (Q4_0, Q4_K, IQ4_NL ...)
 # are repacked on AVX2 and use one kernel for a single position and another for several.
-_INVARIANT_FILE_TYPES = ("F32", "F16", "BF16", "Q8_0")
+_INVARIANT_FILE_TYPES = ("F32", "F16", "Q8_0")
+
+
+def build_features() -> str:
+    """llama.cpp's own list of its build features ("CPU : ... AVX2 = 1 | LLAMAFILE = 1 ...")."""
+    return _import_llama_cpp().llama_print_system_info().decode(errors="replace").strip(" |")
 
 
 def llamafile_sgemm_built() -> bool:
-    """Whether this llama.cpp computes steps of 2+ positions with llamafile's sgemm (other rounding
-    than the single-position kernel). The install builds with -DGGML_LLAMAFILE=OFF."""
-    return "LLAMAFILE = 1" in _import_llama_cpp().llama_print_system_info().decode(errors="replace")
+    """Whether this llama.cpp multiplies steps of 2+ positions with llamafile's sgemm (the default
+    build). Its f16 kernel for several queries of one sequence rounds attention differently from the
+    single-query one, so speculative verification is not bit-exact (docs/throughput.md)."""
+    return "LLAMAFILE = 1" in build_features()
 
 
 @dataclass
@@ -155,6 +161,7 @@ class LlamaRunner:
         # context lengths (270M Q4_K_M, 2 threads: 66 tok/s either way). GPUs keep it.
         if flash_attention is None:
             flash_attention = gpu_layers > 0
+        self.flash_attention = bool(flash_attention)
         ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attention
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         ctx_params.no_perf = True
@@ -234,10 +241,11 @@ class LlamaRunner:
 
     def batch_invariant(self) -> bool:
         """Whether a position's logits are bit for bit the same alone in a step or beside others, which
-        makes speculative decoding give exactly plain greedy decoding's tokens. True on CPU for
-        F32/F16/BF16/Q8_0 weights in a build without llamafile's sgemm (docs/throughput.md). GPU
-        kernels differ between one and several positions, so a GPU is never counted invariant."""
-        if self.gpu_layers > 0 or llamafile_sgemm_built():
+        makes speculative decoding give exactly plain greedy decoding's tokens. True on CPU, with
+        the runtime's attention (no flash attention) and F32/F16/Q8_0 weights, in a llama.cpp built
+        with -DGGML_LLAMAFILE=OFF (docs/throughput.md). GPU kernels differ between one and several
+        positions, so a GPU is never counted invariant."""
+        if self.gpu_layers > 0 or self.flash_attention or llamafile_sgemm_built():
             return False
         return self.file_type().removeprefix("all ").strip() in _INVARIANT_FILE_TYPES
 

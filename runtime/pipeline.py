@@ -55,7 +55,7 @@ class Reporter:
     ``batch`` scans are decoded together (``radixpert.runtime.batched``): the same tokens as one at
     a time. ``speculative`` decoding verifies drafts from the bundle's n-gram index: the same tokens
     where llama.cpp computes a position alike alone or beside others (``speculative_exact``: CPU,
-    F32/F16/Q8_0, a build without llamafile's sgemm); elsewhere some reports differ, so it is opt-in
+    F32/F16/Q8_0, a build without llamafile's sgemm); elsewhere some reports differ. It is opt-in
     (docs/throughput.md). ``batch=1, speculative=False`` is the one-scan-at-a-time path, the only
     one that streams.
     """

@@ -205,37 +205,41 @@ def test_demo_checks_examples_and_a_mirrored_copy(demo_bundle, tmp_path):
     assert flipped["gate"]["verdict"] == "mirrored" and flipped["flagged"]
 
 
-def test_demo_q8_0_logits_do_not_depend_on_how_many_positions_share_a_step(demo_bundle):
-    """What makes speculative decoding exact on the demo's q8_0 file: a position's logits are bit
-    for bit the same decoded alone or beside 4 others. llama.cpp's default build computes steps of
-    2+ positions with llamafile's sgemm and differs here by up to about 1 logit; the install's
-    -DGGML_LLAMAFILE=OFF build gives 0."""
+
+def test_demo_q8_0_logits_alone_or_beside_others_as_the_runtime_predicts(demo_bundle):
+    """Speculative decoding is exact only if a position's logits are bit for bit the same decoded
+    alone or beside 4 others of its sequence. llama.cpp's default build (llamafile's sgemm) differs
+    here by up to about 1 logit; a -DGGML_LLAMAFILE=OFF build gives 0. Either way the runtime's
+    batch_invariant() must say which, since it decides the warning and ``speculative_exact``."""
     import numpy as np
 
     from radixpert.bundle import load_bundle
     from radixpert.runtime.llm import LlamaRunner
 
     loaded = load_bundle(demo_bundle)
-    reports = [EXPECTED[name]["reference_report"] for name in sorted(EXPECTED)]
     with LlamaRunner(loaded.llm_path("q8_0"), n_ctx=loaded.manifest["llm"]["n_ctx"], threads=2, gpu_layers=0) as runner:
-        for report in reports:
-            ids = loaded.token_ids["prefix"] + runner.tokenize(report)
+        equal = []
+        for name in sorted(EXPECTED):
+            ids = loaded.token_ids["prefix"] + runner.tokenize(EXPECTED[name]["reference_report"])
             context, tail = ids[:-5], ids[-5:]
             runner.reset()
             runner.eval_tokens(context)
             one_at_a_time = np.stack([runner.eval_tokens([token]) for token in tail])
             runner.trim(len(context))
-            together = runner.eval_tokens(tail, all_logits=True)
-            assert np.array_equal(one_at_a_time, together), float(np.abs(one_at_a_time - together).max())
-        assert runner.batch_invariant()  # and the runtime knows it: no warning with --speculative
+            equal.append(np.array_equal(one_at_a_time, runner.eval_tokens(tail, all_logits=True)))
+        assert all(equal) == runner.batch_invariant(), equal
 
 
-def test_demo_speculative_and_batched_reports_equal_plain(demo_bundle, demo_reports):
+def test_demo_speculative_is_exact_or_says_it_is_not(demo_bundle, demo_reports):
     done = subprocess.run([sys.executable, "-m", "radixpert.runtime.cli", *sorted(str(EXAMPLES / n) for n in EXPECTED),
                            "--bundle", str(demo_bundle), "--format", "json", "--threads", "2", "--batch", "2",
                            "--speculative"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "not exact" not in done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert all(r["speculative"] and r["speculative_exact"] for r in rows)
-    assert {Path(r["input"]).name: r["report"] for r in rows} == demo_reports
+    exact = {r["speculative_exact"] for r in rows}
+    assert len(exact) == 1 and all(r["speculative"] for r in rows)
+    if exact == {True}:  # a -DGGML_LLAMAFILE=OFF build
+        assert "not exact" not in done.stderr
+        assert {Path(r["input"]).name: r["report"] for r in rows} == demo_reports
+    else:
+        assert done.stderr.count("warning: speculative decoding is not exact") == 1

@@ -138,6 +138,7 @@ class FakeReporter:
     """Stands in for the runtime: echoes the reference report, with sides swapped on every other scan."""
 
     reports: ClassVar[dict[str, str]] = {}
+    speculative_exact = True
 
     def __init__(self, bundle, **options):
         from types import SimpleNamespace
@@ -196,6 +197,32 @@ def test_bundle_runs_the_runtime_on_a_split_and_scores(run, tmp_path, phantom_ta
     assert scored["studies"] + scored["refused"] == len(load_split(split_path)["train"])
 
 
+def test_same_as_counts_the_reports_identical_to_another_run(run, tmp_path, phantom_table, monkeypatch):
+    import radixpert.bundle
+    import radixpert.runtime.pipeline
+    from radixpert.train.data import read_table
+
+    csv_path, _ = phantom_table
+    FakeReporter.reports = {Path(s.image_path).stem: s.report for s in read_table(csv_path)}
+    monkeypatch.setattr(radixpert.runtime.pipeline, "Reporter", FakeReporter)
+    monkeypatch.setattr(radixpert.bundle, "load_bundle", lambda path, verify=False: object())
+    common = ["bundle", "--bundle", str(tmp_path / "b"), "--data", str(csv_path), "--split", "all", "--limit", "8"]
+    assert run([*common, "--out", str(tmp_path / "first")])[0] == 0
+    earlier = tmp_path / "first" / "predictions.jsonl"
+    rows = [json.loads(line) for line in earlier.read_text().splitlines()]
+    changed = rows[4]
+    changed["report"] += " Otra frase."
+    earlier.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    code, out, err = run([*common, "--same-as", str(earlier), "--out", str(tmp_path / "second")])
+    assert code == 0, err
+    same = json.loads((tmp_path / "second" / "metrics.json").read_text())["decoding"]["same_as"]
+    assert (same["compared"], same["identical"], same["differ"]) == (7, 6, [changed["input"]])  # 1 refused
+    assert "identical to" in out and "6 of 7" in out
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    code, _, err = run([*common, "--same-as", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "third")])
+    assert code == 2 and "is not a predictions.jsonl" in err and "Traceback" not in err
+
+
 def test_bundle_split_needs_a_split_file(run, tmp_path, phantom_table):
     code, _, err = run(["bundle", "--bundle", str(tmp_path), "--data", str(phantom_table[0]), "--split", "test"])
     assert code == 2 and "--split-file" in err
@@ -230,6 +257,7 @@ def test_bundle_subcommand_runs_without_torch(tmp_path, phantom_table):
 
         class Reporter:
             checker = SimpleNamespace(evidence_outputs=None)
+            speculative_exact = True
             def __init__(self, bundle, **kwargs):
                 pass
             def report_many(self, paths):
