@@ -107,7 +107,7 @@ def test_logs_carry_no_phi_and_every_event_is_json(round_trip):
     assert all(set(e) <= {"time", "level", "event", "job", "uid", "calling_ae", "destination", "gate", "flags",
                           "report_ms", "host", "port", "ae_title", "resumed", "received", "running", "done",
                           "withheld", "failed", "bundle_id", "frontend", "quant", "providers", "llm_gpu_layers",
-                          "threads", "batch", "speculative", "signal", "requeued"} for e in events)
+                          "threads", "batch", "speculative", "speculative_exact", "signal", "requeued"} for e in events)
 
 
 def test_spool_files_are_private(round_trip):
