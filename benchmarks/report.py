@@ -70,9 +70,9 @@ def machine_info(threads: int) -> dict[str, Any]:
             versions[package] = metadata.version(package)
     llama_features = ""
     with contextlib.suppress(Exception):
-        import llama_cpp
+        from radixpert.runtime.llm import build_features
 
-        llama_features = llama_cpp.llama_print_system_info().decode(errors="replace").strip(" |")
+        llama_features = build_features()
     return {
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),

@@ -121,7 +121,7 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     from radixpert.evaluation.checks import score_checks
     from radixpert.evaluation.scoring import Pair, evaluate
     from radixpert.runtime.llm import build_features
-    from radixpert.runtime.pipeline import Reporter
+    from radixpert.runtime.pipeline import SPECULATIVE_NOT_EXACT, Reporter
     from radixpert.train.data import load_split, read_table, select
     from rich.progress import (
         BarColumn,
@@ -144,8 +144,7 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     reporter = Reporter(load_bundle(Path(bundle_dir)), threads=threads, max_new_tokens=max_new_tokens,
                         frontend_variant=frontend, batch=batch, speculative=speculative)
     if not reporter.speculative_exact:
-        click.echo("warning: speculative decoding is not exact with this llama.cpp build, LLM file or device: some "
-                   "reports may differ from plain decoding (docs/throughput.md)", err=True)
+        click.echo(SPECULATIVE_NOT_EXACT, err=True)
     pairs, refused, checked = [], 0, []
     started = time.perf_counter()
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as handle, \

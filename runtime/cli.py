@@ -122,7 +122,7 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
         decoding: dict[str, Any] | None = None) -> int:
     from radixpert.bundle import bundle_env_default, load_bundle
     from radixpert.runtime.frontend import parse_providers
-    from radixpert.runtime.pipeline import Reporter
+    from radixpert.runtime.pipeline import SPECULATIVE_NOT_EXACT, Reporter
 
     if (sr or overlay) and not out_dir:
         raise UsageError("--sr and --overlay write files: pass --out DIR")
@@ -145,9 +145,7 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
                         quant=quant, gpu_layers=gpu_layers, max_new_tokens=max_new_tokens, frontend_variant=frontend,
                         **decoding)
     if not reporter.speculative_exact:
-        err.print("warning: speculative decoding is not exact with this llama.cpp build, LLM file or device: some "
-                  "reports may differ from --no-speculative (exact: CPU, f32/f16/q8_0, llama.cpp built with "
-                  "-DGGML_LLAMAFILE=OFF; docs/throughput.md)")
+        err.print(SPECULATIVE_NOT_EXACT)
     out = Path(out_dir) if out_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

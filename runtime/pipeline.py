@@ -30,6 +30,10 @@ MIN_SIDE = 64
 DRAFT_TOKENS = 8
 # The default limit on the KV cache of --batch (MiB); --kv-memory changes it.
 KV_MEMORY_MIB = 4096
+# Printed once by radixpert-run and radixpert-eval when Reporter.speculative_exact is false.
+SPECULATIVE_NOT_EXACT = ("warning: speculative decoding is not exact with this llama.cpp build, LLM file or device: "
+                         "some reports may differ from plain decoding (exact: CPU, f32/f16/q8_0, llama.cpp built with "
+                         "-DGGML_LLAMAFILE=OFF; docs/throughput.md)")
 
 
 @dataclass
