@@ -69,7 +69,10 @@ def test_decoder_with_drafts_that_are_mostly_right_equals_plain_greedy(bundle, s
 
         frontend = OnnxFrontend(loaded.path_of("frontend"), threads=2)
         visual = frontend.run(np.stack([normalize_imagenet(letterbox_resize(r.display, 224)) for r in plain]))[0]
-        for drafter in (NgramDrafter([tail + t for t in references]), NgramDrafter([tail + t for t in references[::2]])):
+        # Half the reports, drafting whatever matched (no confidence cut): many drafts are rejected.
+        drafters = (NgramDrafter([tail + t for t in references]),
+                    NgramDrafter([tail + t for t in references[::2]], min_confidence=0.0))
+        for drafter in drafters:
             decoder = BatchDecoder(runner, tokens["prefix"], tokens["suffix"], 128, tokens["stop"], drafter, 8)
             queue = list(enumerate(visual))
 
@@ -81,14 +84,25 @@ def test_decoder_with_drafts_that_are_mostly_right_equals_plain_greedy(bundle, s
             results = dict(decoder.run(fill))
             assert [results[i].tokens for i in range(len(plain))] == references
             assert sum(r.accepted for r in results.values()) > 0
+        assert sum(r.drafted - r.accepted for r in results.values()) > 0  # the rejection path ran too
+
+
+REPORTS = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [9, 2, 3, 7]]
 
 
 def test_ngram_drafter_proposes_the_most_frequent_continuation():
-    drafter = NgramDrafter([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [9, 2, 3, 7]])
+    drafter = NgramDrafter(REPORTS, min_confidence=0.0)
     assert drafter.propose([1, 2, 3], 1) == [5]  # (1, 2, 3) -> 5 twice, 4 once
     assert drafter.propose([9, 2, 3], 3) == [7]  # nothing follows 7
     assert drafter.propose([8, 3], 2) == []  # an unseen context: no draft
     assert drafter.propose([0, 1, 2], 4) == [3, 5]
+
+
+def test_ngram_drafter_stops_where_the_reports_disagree():
+    """(1, 2) -> 3 in every report (share 1); (1, 2, 3) -> 5 in two of three (share 2/3)."""
+    assert NgramDrafter(REPORTS, min_confidence=0.7).propose([0, 1, 2], 4) == [3]
+    assert NgramDrafter(REPORTS, min_confidence=0.6).propose([0, 1, 2], 4) == [3, 5]
+    assert NgramDrafter(REPORTS).propose([1, 2, 3], 1) == []  # the default cut, 0.7
 
 
 def test_batch_refuses_a_kv_cache_that_does_not_fit(bundle):
