@@ -261,8 +261,6 @@ def prefill(bundle_dir: str, quants: str | None, ubatches: str, batch_threads: s
     from radixpert.benchmarks.prefill import markdown, measure_prefill
     from radixpert.benchmarks.report import command_line
     from radixpert.bundle import load_bundle
-    from radixpert.imageio import read_image
-    from radixpert.runtime.frontend import OnnxFrontend
 
     bundle = load_bundle(bundle_dir)
     files = [q.strip() for q in quants.split(",")] if quants else bundle.quants
@@ -271,8 +269,7 @@ def prefill(bundle_dir: str, quants: str | None, ubatches: str, batch_threads: s
         raise UsageError(f"the bundle has no {', '.join(missing)} LLM file; it has {', '.join(bundle.quants)}")
     threads = threads or min(len(os.sched_getaffinity(0)), 8)
     counts = [int(t) for t in batch_threads.split(",")] if batch_threads else list(range(1, threads + 1))
-    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
-    visual = OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
+    visual = _visual_tokens(bundle, threads)
     with _progress() as progress:
         rows = measure_prefill(bundle, visual, files, [int(u) for u in ubatches.split(",")], counts, threads, rounds,
                                progress=lambda what: progress.add_task(what, total=None))
@@ -305,16 +302,13 @@ def verify(bundle_dir: str, counts: str, acceptance: float | None, quant: str | 
     from radixpert.benchmarks.prefill import measure_verify_cost
     from radixpert.benchmarks.report import command_line
     from radixpert.bundle import load_bundle
-    from radixpert.imageio import read_image
-    from radixpert.runtime.frontend import OnnxFrontend
 
     bundle = load_bundle(bundle_dir)
     ks = sorted({int(k) for k in counts.split(",") if k.strip()})
     if not ks or ks[0] != 1:
         raise UsageError("--k must include 1 (plain decoding, the reference)")
     threads = threads or min(len(os.sched_getaffinity(0)), 8)
-    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
-    visual = OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
+    visual = _visual_tokens(bundle, threads)
     with _progress() as progress:
         progress.add_task("verify steps", total=None)
         rows = measure_verify_cost(bundle, visual, ks, threads, quant, rounds)
@@ -357,13 +351,10 @@ def invariance(bundle_dir: str, quant: str | None, k: int, threads: int | None, 
     from radixpert.benchmarks.invariance import markdown, measure_invariance
     from radixpert.benchmarks.report import command_line, machine_info
     from radixpert.bundle import load_bundle
-    from radixpert.imageio import read_image
-    from radixpert.runtime.frontend import OnnxFrontend
 
     bundle = load_bundle(bundle_dir)
     threads = threads or min(len(os.sched_getaffinity(0)), 8)
-    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
-    visual = OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
+    visual = _visual_tokens(bundle, threads)
     with _progress() as progress:
         progress.add_task("attention settings", total=None)
         rows = measure_invariance(bundle, visual, quant, threads, k)
@@ -373,6 +364,15 @@ def invariance(bundle_dir: str, quant: str | None, k: int, threads: int | None, 
     out = Path(out_dir) if out_dir else Path("bench-results") / _slug(f"invariance-{Path(bundle_dir).name}")
     out.mkdir(parents=True, exist_ok=True)
     save_result(out, result, markdown(result))
+
+
+def _visual_tokens(bundle: Any, threads: int) -> Any:
+    """The frontend's visual tokens (N_p, D) for the first default bench scan."""
+    from radixpert.imageio import read_image
+    from radixpert.runtime.frontend import OnnxFrontend
+
+    scan = read_image(default_scans()[0], bundle.config.image_size).model_input[None]
+    return OnnxFrontend(bundle.path_of("frontend"), threads=threads).run(scan)[0][0]
 
 
 def save_result(out: Path, result: dict[str, Any], text: str) -> None:
