@@ -106,11 +106,12 @@ def score(pred_path, ref_path, report_column, out_dir, uncertain) -> None:
               help="Frontend model: fp32, or the INT8 one of a bundle exported with radixpert-export --int8.")
 @click.option("--batch", type=click.IntRange(1, 64), default=8, show_default=True,
               help="Scans decoded together (the same reports as one at a time, faster).")
-@click.option("--speculative", is_flag=True, help="Verify drafts from the bundle's n-gram index: the same reports on "
-                                                  "CPU with f32/f16/q8_0 files and llama.cpp built with "
-                                                  "-DGGML_LLAMAFILE=OFF; elsewhere some differ (docs/throughput.md).")
+@click.option("--speculative/--no-speculative", default=None,
+              help="Verify drafts from the bundle's n-gram index [default: as radixpert-run, on where it gives exactly "
+                   "plain decoding's reports: CPU with q8_0, or f32/f16 with llama.cpp built with "
+                   "-DGGML_LLAMAFILE=OFF]. Forced on elsewhere, some reports differ (docs/throughput.md).")
 @click.option("--same-as", "same_as", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="predictions.jsonl of another run (e.g. without --speculative): count the reports identical to "
+              help="predictions.jsonl of another run (e.g. with --no-speculative): count the reports identical to "
                    "it, scan by scan, into metrics.json.")
 def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images, dicom_dir, threads, max_new_tokens,
            out_dir, uncertain, frontend, batch, speculative, same_as) -> None:
@@ -171,7 +172,7 @@ def bundle(bundle_dir, csv_path, split, split_file, limit, report_column, images
     metrics, rows = evaluate(pairs, uncertain == "present")
     metrics.update({"refused": refused, "bundle": str(bundle_dir), "data": str(csv_path), "split": split,
                     "frontend": frontend, "command": "radixpert-eval " + shlex.join(sys.argv[1:]),
-                    "decoding": {"batch": batch, "speculative": speculative,
+                    "decoding": {"batch": batch, "speculative": reporter.speculative,
                                  "speculative_exact": reporter.speculative_exact, "llama_cpp": build_features(),
                                  "report_seconds": round(report_seconds, 1)},
                     "checks": score_checks(checked, covered)})

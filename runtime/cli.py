@@ -80,11 +80,11 @@ def _looks_like_scan(path: Path) -> bool:
               help="Scans decoded together in one llama.cpp context (continuous batching): the same reports, in "
                    "input order; more per hour where decoding is memory-bound (a GPU), little on a few CPU cores "
                    "(1.12x at 8 on 2 cores; docs/throughput.md).")
-@click.option("--speculative/--no-speculative", default=False, show_default=True,
-              help="Verify draft tokens from the bundle's n-gram index of training reports, several per step. "
-                   "Off by default: it gives plain decoding's reports only with llama.cpp built with "
-                   "-DGGML_LLAMAFILE=OFF (CPU, f32/f16/q8_0), where prefill is slower; elsewhere some reports change, "
-                   "and a warning says so. docs/throughput.md.")
+@click.option("--speculative/--no-speculative", default=None,
+              help="Verify draft tokens from the bundle's n-gram index of training reports, several per step "
+                   "[default: on where it gives exactly plain decoding's reports: on CPU with a q8_0 LLM file, "
+                   "or f32/f16 with llama.cpp built with -DGGML_LLAMAFILE=OFF]. Forced on elsewhere, some reports "
+                   "change, and a warning says so. docs/throughput.md.")
 @click.option("--kv-memory", type=click.FloatRange(min=1), default=None,
               help="Refuse a --batch whose KV cache would need more than this many MiB [default: 4096].")
 @cli_errors()
@@ -135,7 +135,7 @@ def run(scans, bundle_dir, fmt, out_dir, sr, overlay, stream, max_new_tokens, th
     bundle = load_bundle(root, verify=verify)
     if not bundle_dir:
         warn_if_stale_demo(bundle, root, err)
-    decoding = {"batch": 1, "speculative": False, **(decoding or {})}
+    decoding = {"batch": 1, "speculative": None, **(decoding or {})}
     streaming = stream and fmt == "text"
     if streaming and decoding["batch"] > 1:
         raise UsageError("--stream prints one report as it is written: it cannot be combined with --batch")

@@ -58,6 +58,29 @@ def gpu_offload_supported() -> bool:
 # in a step (ggml's vec_dot), in a build without llamafile's sgemm. Others (Q4_0, Q4_K, IQ4_NL ...)
 # are repacked on AVX2 and use one kernel for a single position and another for several.
 _INVARIANT_FILE_TYPES = ("F32", "F16", "Q8_0")
+# In a build with llamafile's sgemm (the default), only its Q8_0 kernel sums each output in the
+# same order as ggml's dot product; its F16 and F32 kernels do not (radixpert-bench invariance:
+# 0 for Q8_0, up to 0.09 logits for F16 and 0.05 for F32 on the demo).
+_SGEMM_INVARIANT_FILE_TYPES = ("Q8_0",)
+
+# ggml's enum value for bfloat16 (ggml.h); llama-cpp-python 0.3.36 exports no constant for it.
+GGML_TYPE_BF16 = 30
+
+# How attention runs: llama.cpp's flash attention setting, and the K and V cache types.
+# * "rows" (the CPU default): flash attention with an F16 K cache and a BF16 V cache. With K and V
+#   of different types, llama.cpp's CPU flash attention takes neither its KV-split path (one query
+#   over 512+ cells) nor its tiled path (64+ queries): every query row is computed alone, in one
+#   order, whatever else shares its step. That makes a verify step give plain decoding's logits bit
+#   for bit, so speculative decoding is exact. BF16 V is accumulated in F32 (an F16 V cache would be
+#   accumulated in F16); the cache stays 2 bytes per value.
+# * "matmul": no flash attention, F16 K and V (llama.cpp's default on CPU). A step of several
+#   queries of one sequence takes llamafile's sgemm and rounds differently from one query.
+# * "flash": flash attention with F16 K and V (llama.cpp's default on GPUs).
+ATTENTION_MODES: dict[str, tuple[str, str, str]] = {
+    "rows": ("ENABLED", "F16", "BF16"),
+    "matmul": ("DISABLED", "F16", "F16"),
+    "flash": ("AUTO", "F16", "F16"),
+}
 
 
 def build_features() -> str:
@@ -65,11 +88,41 @@ def build_features() -> str:
     return _import_llama_cpp().llama_print_system_info().decode(errors="replace").strip(" |")
 
 
+def _ggml_type(llama_cpp, name: str) -> int:
+    """ggml's enum value for a cache type name ("F16", "BF16")."""
+    return GGML_TYPE_BF16 if name == "BF16" else int(getattr(llama_cpp, f"GGML_TYPE_{name}"))
+
+
 def llamafile_sgemm_built() -> bool:
     """Whether this llama.cpp multiplies steps of 2+ positions with llamafile's sgemm (the default
-    build). Its f16 kernel for several queries of one sequence rounds attention differently from the
-    single-query one, so speculative verification is not bit-exact (docs/throughput.md)."""
+    build). Its F16 and F32 kernels sum in another order than ggml's dot product for a single
+    position, so with such weights a verify step is not bit-exact (docs/throughput.md)."""
     return "LLAMAFILE = 1" in build_features()
+
+
+def default_gpu_layers() -> int:
+    """Layers offloaded when none are asked for: all of them where llama.cpp was built for a GPU."""
+    return 999 if _import_llama_cpp().llama_supports_gpu_offload() else 0
+
+
+def batch_invariant(file_type: str, gpu_layers: int, attention: str | None = None) -> bool:
+    """Whether a position's logits are bit for bit the same decoded alone in a step or beside others,
+    which makes speculative decoding give exactly plain greedy decoding's tokens. ``file_type`` is
+    llama.cpp's ("Q8_0", "F16", "all F32") or a bundle's quantization name ("q8_0"); ``attention``
+    None is the runtime's default for the device.
+
+    True on CPU with Q8_0 weights and the "rows" attention; in a llama.cpp built with
+    -DGGML_LLAMAFILE=OFF, also with F32/F16 weights and with the "matmul" attention
+    (docs/throughput.md). Flash attention with one cache type splits a single query's cells across
+    threads, and GPU kernels differ between one and several positions: neither counts as invariant."""
+    attention = attention or ("flash" if gpu_layers > 0 else "rows")
+    if gpu_layers > 0 or attention == "flash":
+        return False
+    sgemm = llamafile_sgemm_built()
+    if attention == "matmul" and sgemm:  # sgemm's kernel for several queries of one sequence
+        return False
+    weights = _SGEMM_INVARIANT_FILE_TYPES if sgemm else _INVARIANT_FILE_TYPES
+    return file_type.removeprefix("all ").strip().upper() in weights
 
 
 @dataclass
@@ -111,12 +164,14 @@ class LlamaRunner:
         threads: int | None = None,
         gpu_layers: int | None = None,
         n_batch: int = 512,
-        flash_attention: bool | None = None,
+        attention: str | None = None,
         verbose: bool = False,
         n_seq: int | None = None,
         n_ubatch: int | None = None,
         threads_batch: int | None = None,
     ):
+        if attention is not None and attention not in ATTENTION_MODES:
+            raise ModelError(f"unknown attention mode {attention!r}; use one of {', '.join(ATTENTION_MODES)}")
         llama_cpp = _import_llama_cpp()
         self._c = llama_cpp
         self._model = self._ctx = None
@@ -128,7 +183,7 @@ class LlamaRunner:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         if gpu_layers is None:
-            gpu_layers = 999 if llama_cpp.llama_supports_gpu_offload() else 0
+            gpu_layers = default_gpu_layers()
         model_params.n_gpu_layers = gpu_layers
         self.gpu_layers = gpu_layers
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
@@ -156,14 +211,11 @@ class LlamaRunner:
         # Keep every sliding-window layer's cache whole, so trimming back to the cached
         # prefix is always possible (pruned SWA entries could not be restored).
         ctx_params.swa_full = True
-        # On CPU, llama.cpp's flash attention accumulates in f16: 10x further from the PyTorch
-        # logits (1.7e-2 vs 1.8e-3 max on the tiny model) for no measured speed gain at our
-        # context lengths (270M Q4_K_M, 2 threads: 66 tok/s either way). GPUs keep it.
-        if flash_attention is None:
-            flash_attention = gpu_layers > 0
-        self.flash_attention = bool(flash_attention)
-        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attention
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        # ATTENTION_MODES says why "rows" on CPU. GPUs keep llama.cpp's own flash attention.
+        self.attention = attention or ("flash" if gpu_layers > 0 else "rows")
+        flash, type_k, type_v = ATTENTION_MODES[self.attention]
+        ctx_params.flash_attn_type = getattr(llama_cpp, f"LLAMA_FLASH_ATTN_TYPE_{flash}")
+        ctx_params.type_k, ctx_params.type_v = _ggml_type(llama_cpp, type_k), _ggml_type(llama_cpp, type_v)
         ctx_params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
@@ -240,14 +292,9 @@ class LlamaRunner:
         return buf.value.decode(errors="replace").split(" ", 2)[-1]
 
     def batch_invariant(self) -> bool:
-        """Whether a position's logits are bit for bit the same alone in a step or beside others, which
-        makes speculative decoding give exactly plain greedy decoding's tokens. True on CPU, with
-        the runtime's attention (no flash attention) and F32/F16/Q8_0 weights, in a llama.cpp built
-        with -DGGML_LLAMAFILE=OFF (docs/throughput.md). GPU kernels differ between one and several
-        positions, so a GPU is never counted invariant."""
-        if self.gpu_layers > 0 or self.flash_attention or llamafile_sgemm_built():
-            return False
-        return self.file_type().removeprefix("all ").strip() in _INVARIANT_FILE_TYPES
+        """Whether a position's logits are bit for bit the same alone in a step or beside others
+        (:func:`batch_invariant`), for this runner's device, attention and weights."""
+        return batch_invariant(self.file_type(), self.gpu_layers, self.attention)
 
     # --- vocabulary ----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -24,12 +24,20 @@ NGRAM_FILE = "ngram.json"
 # Longest context matched, and the shortest: a single shared token says too little to draft on.
 MAX_ORDER = 6
 MIN_ORDER = 2
-# A draft stops once the product of its tokens' shares (how often the training reports continued
-# that way after that context) falls below this. Verifying a drafted position costs about as much as
-# decoding it on a CPU (the 262k-token output layer dominates a 270M model), so uncertain drafts
-# lose time: on the demo, 0.7 keeps 96 % of drafts accepted, against 62 % without a cut
-# (docs/throughput.md).
+# A draft starts only where the product of its tokens' shares (how often the training reports
+# continued that way after that context) stays at or above MIN_CONFIDENCE for MIN_CONFIDENT tokens.
+# Verifying a drafted position costs about as much as decoding it on a CPU (the 262k-token output
+# layer dominates a 270M model), so uncertain drafts lose time: on the demo, 0.7 keeps 96 % of the
+# confident drafts accepted, against 62 % without a cut (docs/throughput.md).
 MIN_CONFIDENCE = 0.7
+MIN_CONFIDENT = 2
+# A draft is then cut or extended (with the next most frequent tokens, past the confidence cut) to 3,
+# 5 or 7 tokens: verify steps of 4, 6 or 8 positions. llama.cpp's CPU matrix kernel (llamafile's
+# sgemm) multiplies positions in pairs, and a step of an odd count costs more than the even one
+# above it; 2 positions cost more than two single steps. Measured on the demo, × one position
+# (radixpert-bench verify, docs/throughput.md): 2: 2.19, 3: 3.38, 4: 2.75, 5: 3.91, 6: 3.27,
+# 7: 4.55, 8: 3.46.
+DRAFT_LENGTHS = (3, 5, 7)
 
 
 def index_payload(sequences: Sequence[Sequence[int]], source: str, suffix_tail: int) -> dict[str, Any]:
@@ -40,13 +48,20 @@ def index_payload(sequences: Sequence[Sequence[int]], source: str, suffix_tail: 
 
 class NgramDrafter:
     """For a context, the continuation the training reports most often gave after its longest
-    matching suffix (MAX_ORDER tokens down to MIN_ORDER), token by token, for as long as the
-    product of those continuations' shares stays at or above ``min_confidence``."""
+    matching suffix (MAX_ORDER tokens down to MIN_ORDER), token by token.
+
+    A draft is proposed only if its first ``min_confident`` tokens keep the product of their
+    shares at or above ``min_confidence``; it then takes the smallest of ``lengths`` that holds
+    every confident token (the largest that fits, where the reports run out first). With
+    ``lengths=None`` a draft is exactly its confident tokens."""
 
     def __init__(self, sequences: Sequence[Sequence[int]], max_order: int = MAX_ORDER, min_order: int = MIN_ORDER,
-                 min_confidence: float = MIN_CONFIDENCE):
+                 min_confidence: float = MIN_CONFIDENCE, min_confident: int = MIN_CONFIDENT,
+                 lengths: Sequence[int] | None = DRAFT_LENGTHS):
         self.max_order, self.min_order = max_order, min_order
         self.min_confidence = float(min_confidence)
+        self.min_confident = int(min_confident)
+        self.lengths = tuple(sorted(lengths)) if lengths is not None else None
         counts: dict[tuple[int, ...], Counter[int]] = {}
         for sequence in sequences:
             tokens = tuple(sequence)
@@ -63,21 +78,21 @@ class NgramDrafter:
             self.table[key] = (token, count / sum(c.values()))
 
     @classmethod
-    def load(cls, path: str | Path, min_confidence: float = MIN_CONFIDENCE) -> "NgramDrafter":
+    def load(cls, path: str | Path, **options: Any) -> "NgramDrafter":
+        """The drafter of a bundle's ``ngram.json``; ``options`` go to the constructor."""
         try:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
             return cls(payload["sequences"], payload.get("max_order", MAX_ORDER), payload.get("min_order", MIN_ORDER),
-                       min_confidence)
+                       **options)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"the bundle's n-gram index {Path(path).name} is unreadable ({exc.__class__.__name__}); "
                              "re-export the bundle") from None
 
-    def propose(self, context: Sequence[int], count: int) -> list[int]:
-        """Up to ``count`` draft tokens that follow ``context``."""
+    def continuation(self, context: Sequence[int], count: int) -> list[tuple[int, float]]:
+        """Up to ``count`` (token, share) pairs: the most frequent continuation of ``context``."""
         window = list(context[-self.max_order:])
-        draft: list[int] = []
-        confidence = 1.0
-        while len(draft) < count:
+        chain: list[tuple[int, float]] = []
+        while len(chain) < count:
             found = None
             for order in range(min(self.max_order, len(window)), self.min_order - 1, -1):
                 found = self.table.get(tuple(window[-order:]))
@@ -85,10 +100,23 @@ class NgramDrafter:
                     break
             if found is None:
                 break
-            token, share = found
+            chain.append(found)
+            window = (window + [found[0]])[-self.max_order:]
+        return chain
+
+    def propose(self, context: Sequence[int], count: int) -> list[int]:
+        """Up to ``count`` draft tokens that follow ``context``."""
+        chain = self.continuation(context, count)
+        confident, confidence = 0, 1.0
+        for _, share in chain:
             confidence *= share
             if confidence < self.min_confidence:
                 break
-            draft.append(token)
-            window = (window + [token])[-self.max_order:]
-        return draft
+            confident += 1
+        if confident < max(self.min_confident, 1):
+            return []
+        length = confident
+        if self.lengths is not None:
+            fits = [n for n in self.lengths if n <= len(chain)]
+            length = next((n for n in fits if n >= confident), fits[-1] if fits else 0)
+        return [token for token, _ in chain[:length]]

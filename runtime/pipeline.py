@@ -20,20 +20,21 @@ from radixpert.errors import InputError, UsageError
 from radixpert.imageio import letterbox_resize, normalize_imagenet, read_display
 from radixpert.runtime.frontend import OnnxFrontend, frontend_path
 from radixpert.runtime.batched import BatchDecoder
-from radixpert.runtime.llm import GenerationResult, LlamaRunner
-from radixpert.runtime.ngram import NgramDrafter
+from radixpert.runtime.llm import GenerationResult, LlamaRunner, batch_invariant, default_gpu_layers
+from radixpert.runtime.ngram import DRAFT_LENGTHS, NgramDrafter
 from radixpert.runtime.threads import thread_policy, threads_for_load
 
 # Smaller images are thumbnails or icons, not radiographs worth a draft report.
 MIN_SIDE = 64
-# Draft tokens verified per step in speculative decoding (radixpert-bench throughput measures it).
-DRAFT_TOKENS = 8
+# The most draft tokens verified in one step of speculative decoding (radixpert.runtime.ngram says
+# why 3, 5 or 7).
+DRAFT_TOKENS = max(DRAFT_LENGTHS)
 # The default limit on the KV cache of --batch (MiB); --kv-memory changes it.
 KV_MEMORY_MIB = 4096
 # Printed once by radixpert-run and radixpert-eval when Reporter.speculative_exact is false.
 SPECULATIVE_NOT_EXACT = ("warning: speculative decoding is not exact with this llama.cpp build, LLM file or device: "
-                         "some reports may differ from plain decoding (exact: CPU, f32/f16/q8_0, llama.cpp built with "
-                         "-DGGML_LLAMAFILE=OFF; docs/throughput.md)")
+                         "some reports may differ from plain decoding (exact: CPU with q8_0, or f32/f16 with llama.cpp "
+                         "built with -DGGML_LLAMAFILE=OFF; docs/throughput.md)")
 
 
 @dataclass
@@ -58,10 +59,11 @@ class Reporter:
 
     ``batch`` scans are decoded together (``radixpert.runtime.batched``): the same tokens as one at
     a time. ``speculative`` decoding verifies drafts from the bundle's n-gram index: the same tokens
-    where llama.cpp computes a position alike alone or beside others (``speculative_exact``: CPU,
-    F32/F16/Q8_0, a build without llamafile's sgemm); elsewhere some reports differ. It is opt-in
-    (docs/throughput.md). ``batch=1, speculative=False`` is the one-scan-at-a-time path, the only
-    one that streams.
+    where llama.cpp computes a position alike alone or beside others (``speculative_exact``, see
+    ``radixpert.runtime.llm.batch_invariant``: CPU with Q8_0 weights, for one); elsewhere some
+    reports differ. ``speculative=None`` turns it on exactly where it is exact and the bundle has an
+    n-gram index (docs/throughput.md). ``batch=1, speculative=False`` is the one-scan-at-a-time
+    path, the only one that streams.
     """
 
     def __init__(
@@ -74,7 +76,7 @@ class Reporter:
         max_new_tokens: int | None = None,
         frontend_variant: str = "fp32",
         batch: int = 1,
-        speculative: bool = False,
+        speculative: bool | None = False,
         draft_tokens: int = DRAFT_TOKENS,
         kv_memory_mib: float | None = None,
     ):
@@ -87,8 +89,15 @@ class Reporter:
                                      tensorrt_fp16=fp16)
         self.quant = quant or bundle.manifest["llm"]["default_quant"]
         n_ctx = bundle.manifest["llm"]["n_ctx"]
-        ngram = bundle.path_of("ngram") if speculative else None
-        self.drafter = NgramDrafter.load(ngram) if ngram is not None else None
+        ngram = bundle.path_of("ngram")
+        if speculative and ngram is None:
+            raise UsageError("this bundle has no n-gram index for speculative decoding; re-export it with "
+                             "radixpert-export, or run without --speculative")
+        if speculative is None:  # on where it gives plain decoding's reports
+            speculative = ngram is not None and batch_invariant(
+                self.quant, gpu_layers if gpu_layers is not None else default_gpu_layers())
+        self.drafter = NgramDrafter.load(ngram) if speculative else None
+        self.speculative = self.drafter is not None
         self.batch = int(batch)
         if self.batch < 1:
             raise UsageError(f"--batch must be at least 1, got {batch}")
@@ -125,7 +134,7 @@ class Reporter:
         """What ran, for logs and JSON output (no patient data)."""
         return {"bundle_id": self.bundle.bundle_id, "frontend": self.frontend_variant, "quant": self.quant,
                 "providers": self.providers_used, "llm_gpu_layers": self.llm.gpu_layers, "threads": self.llm.threads,
-                "batch": self.batch, "speculative": self.drafter is not None,
+                "batch": self.batch, "speculative": self.speculative,
                 "speculative_exact": self.speculative_exact}
 
     # --- stages shared by both paths -------------------------------------------------------

@@ -71,7 +71,7 @@ def test_decoder_with_drafts_that_are_mostly_right_equals_plain_greedy(bundle, s
         visual = frontend.run(np.stack([normalize_imagenet(letterbox_resize(r.display, 224)) for r in plain]))[0]
         # Half the reports, drafting whatever matched (no confidence cut): many drafts are rejected.
         drafters = (NgramDrafter([tail + t for t in references]),
-                    NgramDrafter([tail + t for t in references[::2]], min_confidence=0.0))
+                    NgramDrafter([tail + t for t in references[::2]], min_confidence=0.0, min_confident=1, lengths=None))
         for drafter in drafters:
             decoder = BatchDecoder(runner, tokens["prefix"], tokens["suffix"], 128, tokens["stop"], drafter, 8)
             queue = list(enumerate(visual))
@@ -91,7 +91,7 @@ REPORTS = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 5], [9, 2, 3, 7]]
 
 
 def test_ngram_drafter_proposes_the_most_frequent_continuation():
-    drafter = NgramDrafter(REPORTS, min_confidence=0.0)
+    drafter = NgramDrafter(REPORTS, min_confidence=0.0, min_confident=1, lengths=None)
     assert drafter.propose([1, 2, 3], 1) == [5]  # (1, 2, 3) -> 5 twice, 4 once
     assert drafter.propose([9, 2, 3], 3) == [7]  # nothing follows 7
     assert drafter.propose([8, 3], 2) == []  # an unseen context: no draft
@@ -100,9 +100,28 @@ def test_ngram_drafter_proposes_the_most_frequent_continuation():
 
 def test_ngram_drafter_stops_where_the_reports_disagree():
     """(1, 2) -> 3 in every report (share 1); (1, 2, 3) -> 5 in two of three (share 2/3)."""
-    assert NgramDrafter(REPORTS, min_confidence=0.7).propose([0, 1, 2], 4) == [3]
-    assert NgramDrafter(REPORTS, min_confidence=0.6).propose([0, 1, 2], 4) == [3, 5]
-    assert NgramDrafter(REPORTS).propose([1, 2, 3], 1) == []  # the default cut, 0.7
+    exact_lengths = {"min_confident": 1, "lengths": None}
+    assert NgramDrafter(REPORTS, min_confidence=0.7, **exact_lengths).propose([0, 1, 2], 4) == [3]
+    assert NgramDrafter(REPORTS, min_confidence=0.6, **exact_lengths).propose([0, 1, 2], 4) == [3, 5]
+    assert NgramDrafter(REPORTS, **exact_lengths).propose([1, 2, 3], 1) == []  # the default cut, 0.7
+
+
+LONG_REPORTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]] * 3 + [[1, 2, 3, 4, 5, 6, 7, 11, 12, 13]] * 2 + [[20, 21, 22, 23]]
+
+
+def test_ngram_drafts_fill_verify_steps_of_4_6_or_8_positions():
+    """Shares along 1..10 are 1, except 8 after 7 (3 of 5 reports: 0.6). A draft needs 2 confident
+    tokens (share product >= 0.7), then takes the smallest of 3, 5 or 7 tokens that holds them,
+    past the cut if it must, or the largest that fits."""
+    drafter = NgramDrafter(LONG_REPORTS)
+    assert drafter.propose([1, 2], 7) == [3, 4, 5, 6, 7]  # 5 confident: a step of 6 positions
+    assert drafter.propose([2, 3], 7) == [4, 5, 6, 7, 8]  # 4 confident, filled to 5 with the uncertain 8
+    assert drafter.propose([4, 5], 7) == [6, 7, 8]  # 2 confident, filled to 3
+    assert drafter.propose([2, 3], 4) == [4, 5, 6]  # 4 confident, but at most 4 asked: 3
+    assert drafter.propose([1, 2], 2) == []  # none of 3, 5, 7 fits in 2
+    assert drafter.propose([7, 8], 7) == []  # the reports end 2 tokens on: none fits
+    assert drafter.propose([5, 6], 7) == []  # 1 confident token (7; then 8 at 0.6): under 2
+    assert drafter.propose([21, 22], 7) == []  # 1 token left: under 2
 
 
 def test_batch_refuses_a_kv_cache_that_does_not_fit(bundle):
@@ -111,6 +130,25 @@ def test_batch_refuses_a_kv_cache_that_does_not_fit(bundle):
     with pytest.raises(UsageError, match=r"--batch 8 needs .* MiB of KV cache"):
         Reporter(loaded, quant="f32", threads=1, batch=8, kv_memory_mib=per_stream * 8.5)
     Reporter(loaded, quant="f32", threads=1, batch=8, kv_memory_mib=per_stream * 9.5).close()  # 8 + the prefix stream
+
+
+def test_speculative_is_on_where_exact_and_needs_the_ngram_index(bundle, monkeypatch):
+    """speculative=None decides from the bundle's quantization name before llama.cpp loads the file;
+    the loaded runner, from llama.cpp's own file type, must agree."""
+    loaded = load_bundle(bundle[0])
+    for quant in loaded.quants:
+        reporter = Reporter(loaded, quant=quant, threads=1, speculative=None)
+        try:
+            assert reporter.speculative == reporter.llm.batch_invariant(), quant
+        finally:
+            reporter.close()
+    real = loaded.path_of
+    monkeypatch.setattr(loaded, "path_of", lambda role: None if role == "ngram" else real(role))
+    with pytest.raises(UsageError, match="no n-gram index"):
+        Reporter(loaded, threads=1, speculative=True)
+    reporter = Reporter(loaded, threads=1, speculative=None)
+    assert not reporter.speculative
+    reporter.close()
 
 
 def test_kv_size_matches_llama_cpp(bundle):

@@ -206,21 +206,29 @@ def test_demo_checks_examples_and_a_mirrored_copy(demo_bundle, tmp_path):
 
 
 
-def test_demo_q8_0_logits_alone_or_beside_others_as_the_runtime_predicts(demo_bundle):
+@pytest.mark.parametrize("attention", [None, "matmul"])
+def test_demo_q8_0_logits_alone_or_beside_others_as_the_runtime_predicts(demo_bundle, attention):
     """Speculative decoding is exact only if a position's logits are bit for bit the same decoded
-    alone or beside 4 others of its sequence. llama.cpp's default build (llamafile's sgemm) differs
-    here by up to about 1 logit; a -DGGML_LLAMAFILE=OFF build gives 0. Either way the runtime's
-    batch_invariant() must say which, since it decides the warning and ``speculative_exact``."""
+    alone or beside 4 others of its sequence. The runtime's CPU attention ("rows") gives 0 in
+    either llama.cpp build; without flash attention ("matmul"), llama.cpp's default build
+    (llamafile's sgemm) differs by up to about 1 logit and a -DGGML_LLAMAFILE=OFF build gives 0.
+    batch_invariant() must say which, since it decides the warning and ``speculative_exact``; and
+    the default must be invariant, since speculative decoding is on where it is exact."""
     import numpy as np
 
     from radixpert.bundle import load_bundle
     from radixpert.runtime.llm import LlamaRunner
 
     loaded = load_bundle(demo_bundle)
-    with LlamaRunner(loaded.llm_path("q8_0"), n_ctx=loaded.manifest["llm"]["n_ctx"], threads=2, gpu_layers=0) as runner:
+    with LlamaRunner(loaded.llm_path("q8_0"), n_ctx=loaded.manifest["llm"]["n_ctx"], threads=2, gpu_layers=0,
+                     attention=attention) as runner:
         equal = []
         for name in sorted(EXPECTED):
-            ids = loaded.token_ids["prefix"] + runner.tokenize(EXPECTED[name]["reference_report"])
+            report = runner.tokenize(EXPECTED[name]["reference_report"])
+            # Past 256 cells, so that llama.cpp's attention looks at a 512-cell view, as after a real
+            # prompt (the visual tokens alone are 196): there its flash attention with one cache type
+            # splits a single query's cells across threads.
+            ids = (loaded.token_ids["prefix"] + report * (320 // len(report) + 1))[:330]
             context, tail = ids[:-5], ids[-5:]
             runner.reset()
             runner.eval_tokens(context)
@@ -228,18 +236,31 @@ def test_demo_q8_0_logits_alone_or_beside_others_as_the_runtime_predicts(demo_bu
             runner.trim(len(context))
             equal.append(np.array_equal(one_at_a_time, runner.eval_tokens(tail, all_logits=True)))
         assert all(equal) == runner.batch_invariant(), equal
+        if attention is None:
+            assert runner.batch_invariant()
 
 
-def test_demo_speculative_is_exact_or_says_it_is_not(demo_bundle, demo_reports):
+def _demo_rows(demo_bundle: Path, *options: str) -> tuple[list[dict], str]:
     done = subprocess.run([sys.executable, "-m", "radixpert.runtime.cli", *sorted(str(EXAMPLES / n) for n in EXPECTED),
-                           "--bundle", str(demo_bundle), "--format", "json", "--threads", "2", "--batch", "2",
-                           "--speculative"], capture_output=True, text=True)
+                           "--bundle", str(demo_bundle), "--format", "json", "--threads", "2", *options],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return [json.loads(line) for line in done.stdout.splitlines()], done.stderr
+
+
+def test_demo_speculative_is_on_where_exact_and_gives_plain_decodings_reports(demo_bundle, demo_reports):
+    """The default run (demo_reports) verifies drafts on CPU, where the q8_0 file is exact; its reports
+    are plain decoding's, and so are those of drafts verified two scans at a time."""
+    plain, _ = _demo_rows(demo_bundle, "--no-speculative")
+    assert not any(r["speculative"] for r in plain)
+    default, _ = _demo_rows(demo_bundle, "--max-new-tokens", "8")
+    assert all(r["speculative"] == (r["llm_gpu_layers"] == 0) for r in default), default
+    assert demo_reports == {Path(r["input"]).name: r["report"] for r in plain}
+    rows, stderr = _demo_rows(demo_bundle, "--batch", "2", "--speculative")
     exact = {r["speculative_exact"] for r in rows}
     assert len(exact) == 1 and all(r["speculative"] for r in rows)
-    if exact == {True}:  # a -DGGML_LLAMAFILE=OFF build
-        assert "not exact" not in done.stderr
+    if exact == {True}:  # CPU
+        assert "not exact" not in stderr
         assert {Path(r["input"]).name: r["report"] for r in rows} == demo_reports
     else:
-        assert done.stderr.count("warning: speculative decoding is not exact") == 1
+        assert stderr.count("warning: speculative decoding is not exact") == 1

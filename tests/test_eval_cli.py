@@ -138,6 +138,7 @@ class FakeReporter:
     """Stands in for the runtime: echoes the reference report, with sides swapped on every other scan."""
 
     reports: ClassVar[dict[str, str]] = {}
+    speculative = False
     speculative_exact = True
 
     def __init__(self, bundle, **options):
@@ -257,7 +258,7 @@ def test_bundle_subcommand_runs_without_torch(tmp_path, phantom_table):
 
         class Reporter:
             checker = SimpleNamespace(evidence_outputs=None)
-            speculative_exact = True
+            speculative, speculative_exact = False, True
             def __init__(self, bundle, **kwargs):
                 pass
             def report_many(self, paths):

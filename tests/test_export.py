@@ -85,10 +85,14 @@ def llm_logits(reference, bundle):
     continuations = model.generate(torch.from_numpy(images), max_new_tokens=CONTINUATION, ignore_stop=True)
     hf = np.concatenate([_hf_logits(model, visual[b], continuations[b]) for b in range(len(images))])
     result = {}
-    for quant in ("f32", "f16", "q8_0"):
-        with LlamaRunner(out / f"llm-{quant}.gguf", n_ctx=manifest["llm"]["n_ctx"], threads=2) as runner:
+    # The runtime's CPU attention for each file, and f32 without flash attention (an F16 V cache
+    # instead of BF16), the closest llama.cpp gets to PyTorch: the tight check of the conversion.
+    for name, quant, attention in (("f32", "f32", None), ("f16", "f16", None), ("q8_0", "q8_0", None),
+                                   ("f32 matmul", "f32", "matmul")):
+        with LlamaRunner(out / f"llm-{quant}.gguf", n_ctx=manifest["llm"]["n_ctx"], threads=2,
+                         attention=attention) as runner:
             gguf = np.concatenate([_gguf_logits(runner, manifest, visual[b], continuations[b]) for b in range(len(images))])
-        result[quant] = (hf, gguf)
+        result[name] = (hf, gguf)
     return result
 
 
@@ -120,9 +124,11 @@ def test_gguf_logits_match_hf_given_the_same_visual_embeddings(llm_logits, bundl
     print({q: {k: float(f"{v:.6g}") for k, v in m.items()} for q, m in measured.items()})
     f32, f16, q8 = measured["f32"], measured["f16"], measured["q8_0"]
     assert f32["positions"] == 2 * (1 + len(bundle[1]["tokens"]["suffix"]) + CONTINUATION)
-    # Measured on this run: max_rel 2.7e-4 (f32), 5.0e-4 (f16), 1.4e-2 (q8_0); q8_0 cosine 0.99975.
-    assert f32["max_rel"] < 1e-3 and f32["min_cosine"] > 0.99999 and f32["argmax"] == 1.0, f32
-    assert f16["max_rel"] < 2e-3 and f16["min_cosine"] > 0.99999 and f16["argmax"] == 1.0, f16
+    # Measured: max_rel 2.7e-4 for f32 without flash attention; with the runtime's CPU attention
+    # (BF16 V cache) 1.5e-3 (f32), 1.3e-3 (f16), 1.5e-2 (q8_0); q8_0 cosine 0.9997.
+    assert measured["f32 matmul"]["max_rel"] < 1e-3 and measured["f32 matmul"]["argmax"] == 1.0, measured["f32 matmul"]
+    assert f32["max_rel"] < 2.5e-3 and f32["min_cosine"] > 0.99999 and f32["argmax"] == 1.0, f32
+    assert f16["max_rel"] < 2.5e-3 and f16["min_cosine"] > 0.99999 and f16["argmax"] == 1.0, f16
     assert q8["max_rel"] < 5e-2 and q8["min_cosine"] > 0.999 and q8["argmax"] >= 0.9, q8
     # 8-bit weights are further from PyTorch than either float format.
     assert max(f32["max_rel"], f16["max_rel"]) < q8["max_rel"] / 5, measured
@@ -132,6 +138,8 @@ def test_manifest_records_the_llm_parity_the_test_measured(llm_logits, bundle):
     _, manifest = bundle
     recorded = manifest["parity"]["llm"]
     for quant, pair in llm_logits.items():
+        if quant not in recorded:  # "f32 matmul": not an attention the runtime uses on CPU
+            continue
         ours = _independent_metrics(*pair)
         assert recorded[quant]["positions"] == ours["positions"]
         assert recorded[quant]["argmax"] == ours["argmax"], quant
