@@ -79,7 +79,7 @@ def _looks_like_scan(path: Path) -> bool:
 @click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Scans decoded together in one llama.cpp context (continuous batching): the same reports, in "
                    "input order; more per hour where decoding is memory-bound (a GPU), little on a few CPU cores "
-                   "(1.12x at 8 on 2 cores; docs/throughput.md).")
+                   "(1.06x at 8 on 2 cores; docs/throughput.md).")
 @click.option("--speculative/--no-speculative", default=None,
               help="Verify draft tokens from the bundle's n-gram index of training reports, several per step "
                    "[default: on where it gives exactly plain decoding's reports: on CPU with a q8_0 LLM file, "

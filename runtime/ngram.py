@@ -27,16 +27,15 @@ MIN_ORDER = 2
 # A draft starts only where the product of its tokens' shares (how often the training reports
 # continued that way after that context) stays at or above MIN_CONFIDENCE for MIN_CONFIDENT tokens.
 # Verifying a drafted position costs about as much as decoding it on a CPU (the 262k-token output
-# layer dominates a 270M model), so uncertain drafts lose time: on the demo, 0.7 keeps 96 % of the
-# confident drafts accepted, against 62 % without a cut (docs/throughput.md).
+# layer dominates a 270M model), so uncertain drafts lose time: on the demo, 0.7 took accepted
+# drafts from 62 % to 96 %, and 93 % with the fill below (docs/throughput.md).
 MIN_CONFIDENCE = 0.7
 MIN_CONFIDENT = 2
 # A draft is then cut or extended (with the next most frequent tokens, past the confidence cut) to 3,
 # 5 or 7 tokens: verify steps of 4, 6 or 8 positions. llama.cpp's CPU matrix kernel (llamafile's
 # sgemm) multiplies positions in pairs, and a step of an odd count costs more than the even one
-# above it; 2 positions cost more than two single steps. Measured on the demo, × one position
-# (radixpert-bench verify, docs/throughput.md): 2: 2.19, 3: 3.38, 4: 2.75, 5: 3.91, 6: 3.27,
-# 7: 4.55, 8: 3.46.
+# above it. Measured on the demo, × one position (radixpert-bench verify, verify-demo-rows in
+# benchmarks/results): 2: 1.86, 3: 2.90, 4: 2.39, 5: 3.45, 6: 2.95, 7: 4.20, 8: 3.11.
 DRAFT_LENGTHS = (3, 5, 7)
 
 
