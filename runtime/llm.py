@@ -59,8 +59,8 @@ def gpu_offload_supported() -> bool:
 # are repacked on AVX2 and use one kernel for a single position and another for several.
 _INVARIANT_FILE_TYPES = ("F32", "F16", "Q8_0")
 # In a build with llamafile's sgemm (the default), only its Q8_0 kernel sums each output in the
-# same order as ggml's dot product; its F16 and F32 kernels do not (radixpert-bench invariance:
-# 0 for Q8_0, up to 0.09 logits for F16 and 0.05 for F32 on the demo).
+# same order as ggml's dot product; its F16 and F32 kernels do not (radixpert-bench invariance on
+# the demo: 0 for Q8_0, up to 0.11 logits for F16).
 _SGEMM_INVARIANT_FILE_TYPES = ("Q8_0",)
 
 # ggml's enum value for bfloat16 (ggml.h); llama-cpp-python 0.3.36 exports no constant for it.

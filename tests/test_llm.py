@@ -63,3 +63,17 @@ def test_close_twice_and_after_the_with_block_is_harmless(gguf):
 def test_a_runner_that_failed_to_open_closes_cleanly(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         LlamaRunner(tmp_path / "missing.gguf")
+
+
+def test_bf16_cache_type_is_ggmls_enum_value():
+    """llama-cpp-python exports no BF16 constant; ours must be ggml's, as the gguf library has it."""
+    import gguf as gguf_library
+
+    from radixpert.runtime.llm import GGML_TYPE_BF16
+
+    assert GGML_TYPE_BF16 == int(gguf_library.GGMLQuantizationType.BF16)
+
+
+def test_unknown_attention_mode_is_refused_before_loading(tmp_path):
+    with pytest.raises(ModelError, match="unknown attention mode 'fast'; use one of rows, matmul, flash"):
+        LlamaRunner(tmp_path / "missing.gguf", attention="fast")
