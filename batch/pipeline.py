@@ -229,7 +229,7 @@ class ReportActor:
         s = self.settings
         self.reporter = Reporter(bundle, providers=s.providers, threads=s.threads, quant=s.quant,
                                  gpu_layers=s.gpu_layers, max_new_tokens=s.max_new_tokens, frontend_variant=s.frontend,
-                                 batch=s.batch)
+                                 batch=s.batch, speculative=None)  # on where exact, as radixpert-run
         self.dicomweb = None
         if s.archive:
             from radixpert.batch.dicomweb import Archive, client

@@ -78,7 +78,8 @@ class Node:
 
         m = self.config.model
         event(self.log, "loading model")
-        return Reporter(load_bundle(m.bundle), threads=m.threads, quant=m.quant, batch=m.batch)
+        # Speculative decoding where it gives plain decoding's reports (radixpert-run's default).
+        return Reporter(load_bundle(m.bundle), threads=m.threads, quant=m.quant, batch=m.batch, speculative=None)
 
     def wake(self) -> None:
         """New work: a job in the queue or a delivery due."""

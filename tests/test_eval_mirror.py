@@ -64,7 +64,9 @@ def test_preference_matches_pytorch(runner, run_dir):
         with torch.no_grad():
             logits = model.llm(inputs_embeds=embeds[None]).logits[0, -1].double()
         expected = float(logits[probe.correct] - logits[probe.opposite])
-        assert value == pytest.approx(expected, abs=2e-3 + 1e-3 * abs(expected)), (probe.word, value, expected)
+        # The runtime's CPU attention keeps V in BF16: f32 logits sit up to 1.5e-3 of their scale from
+        # PyTorch's (test_export.py), so a difference of two can be off by about 4e-3 (measured 4.2e-3).
+        assert value == pytest.approx(expected, abs=6e-3 + 1e-3 * abs(expected)), (probe.word, value, expected)
 
 
 def test_the_second_input_is_the_mirrored_scan(tmp_path):
