@@ -77,12 +77,11 @@ class NgramDrafter:
             self.table[key] = (token, count / sum(c.values()))
 
     @classmethod
-    def load(cls, path: str | Path, **options: Any) -> "NgramDrafter":
-        """The drafter of a bundle's ``ngram.json``; ``options`` go to the constructor."""
+    def load(cls, path: str | Path) -> "NgramDrafter":
+        """The drafter of a bundle's ``ngram.json``."""
         try:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls(payload["sequences"], payload.get("max_order", MAX_ORDER), payload.get("min_order", MIN_ORDER),
-                       **options)
+            return cls(payload["sequences"], payload.get("max_order", MAX_ORDER), payload.get("min_order", MIN_ORDER))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"the bundle's n-gram index {Path(path).name} is unreadable ({exc.__class__.__name__}); "
                              "re-export the bundle") from None

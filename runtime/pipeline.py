@@ -97,7 +97,6 @@ class Reporter:
             speculative = ngram is not None and batch_invariant(
                 self.quant, gpu_layers if gpu_layers is not None else default_gpu_layers())
         self.drafter = NgramDrafter.load(ngram) if speculative else None
-        self.speculative = self.drafter is not None
         self.batch = int(batch)
         if self.batch < 1:
             raise UsageError(f"--batch must be at least 1, got {batch}")
@@ -125,6 +124,11 @@ class Reporter:
         self.draft_tokens = draft_tokens
         self._decoders: dict[tuple[int, bool], BatchDecoder] = {}
         self.load_s = time.perf_counter() - started
+
+    @property
+    def speculative(self) -> bool:
+        """Whether drafts are verified (speculative decoding is on)."""
+        return self.drafter is not None
 
     @property
     def providers_used(self) -> list[str]:
